@@ -1,0 +1,1 @@
+"""Offline evaluation: ranking metrics, off-policy estimators, A/B comparison, plots."""

@@ -1,0 +1,1 @@
+"""Polars-only data layer: event contract, ingestion, quarantine, examples (no torch here)."""

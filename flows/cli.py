@@ -1,0 +1,280 @@
+"""The ``recpipe`` command line. Thin: parse, call a step or a flow, print a summary.
+
+Every command takes ``--home`` (workspace; default ``$RECPIPE_HOME`` or ``./workspace``) and
+``--json`` (print one JSON summary object as the last line). Bad input exits with status 2
+and a message naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from flows.workspace import Workspace
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, missing prerequisite): exit 2, no traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    workspace = Workspace.from_env(args.home)
+    workspace.configure_environment()
+    try:
+        summary = args.handler(args, workspace)
+    except UserError as error:
+        print(f"recpipe {args.command}: error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except ValueError as error:  # IngestError, FeatureBuildError, bad configs
+        print(f"recpipe {args.command}: error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="workspace folder (default $RECPIPE_HOME or ./workspace)")
+    common.add_argument("--json", action="store_true",
+                        help="print one JSON summary object as the last line")
+    parser = argparse.ArgumentParser(prog="recpipe", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sim = command("simulate", cmd_simulate, "simulate feed logs with ground truth")
+    sim.add_argument("--out", type=Path, required=True, help="output folder")
+    add_simulation_options(sim)
+
+    ing = command("ingest", cmd_ingest, "validate raw logs into the Parquet lake")
+    ing.add_argument("--source", choices=["canonical", "simulator", "kuairand"], required=True)
+    ing.add_argument("--input", type=Path, required=True, help="file or folder to ingest")
+    ing.add_argument("--lake", type=Path, help="lake folder (default <home>/lake)")
+    ing.add_argument("--quarantine", type=Path, help="quarantine folder (default <home>/quarantine)")
+
+    feat = command("features", cmd_features, "build train/valid/test examples from the lake")
+    add_feature_options(feat)
+    feat.add_argument("--valid-days", type=int, default=1)
+    feat.add_argument("--test-days", type=int, default=1)
+
+    train = command("train-ranker", cmd_train_ranker,
+                    "train a multi-task ranker on the examples, log and register it in MLflow")
+    add_ranker_options(train, with_seed=True)
+    train.add_argument("--batch-size", type=int, default=512)
+    train.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    train.add_argument("--no-register", action="store_true", help="log the run only")
+
+    night = command("nightly", cmd_nightly,
+                    "one nightly Prefect flow run: simulate, ingest, features, train, register")
+    add_simulation_options(night)
+    night.add_argument("--source", choices=["canonical", "simulator", "kuairand"],
+                       default="simulator")
+    night.add_argument("--input", type=Path, help="raw logs to ingest (default: simulate)")
+    add_ranker_options(night)
+    add_feature_options(night)
+
+    sched = command("schedule", cmd_schedule,
+                    "serve the nightly deployment on a real Prefect server, on a cron schedule")
+    sched.add_argument("--cron", default="0 2 * * *", help='cron expression (default "0 2 * * *")')
+    sched.add_argument("--timezone", default="UTC", help="IANA timezone of the cron")
+    sched.add_argument("--port", type=int, default=4200, help="Prefect server port")
+    add_simulation_options(sched)
+    add_ranker_options(sched)
+
+    ui = command("ui", cmd_ui, "print (or --open) the MLflow and Prefect UIs of the workspace")
+    ui.add_argument("--open", action="store_true", help="start both UI servers and wait")
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    return parser
+
+
+def add_simulation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--users", type=int, default=2000, help="simulated users")
+    parser.add_argument("--days", type=int, default=7, help="simulated days")
+    parser.add_argument("--seed", type=int, default=0, help="seed")
+
+
+def add_ranker_options(parser: argparse.ArgumentParser, with_seed: bool = False) -> None:
+    from models.rankers import ARCHITECTURES
+
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="mmoe")
+    parser.add_argument("--epochs", type=int, default=2)
+    if with_seed:  # commands that also simulate take --seed from the simulation options
+        parser.add_argument("--seed", type=int, default=0, help="seed")
+
+
+def add_feature_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--history-length", type=int, default=20,
+                        help="N most recent impressions before each example")
+
+
+def cmd_simulate(args: argparse.Namespace, workspace: Workspace) -> dict:
+    from flows.steps import SimulateParams, simulate_step
+
+    summary = simulate_step(args.out, SimulateParams(args.users, args.days, args.seed))
+    print(f"simulated {summary['summary']['n_impressions']:,} impressions of {args.users} users "
+          f"over {args.days} days → {args.out}")
+    return summary
+
+
+def cmd_ingest(args: argparse.Namespace, workspace: Workspace) -> dict:
+    from features.ingest import ingest
+
+    lake = args.lake or workspace.lake
+    quarantine = args.quarantine or workspace.quarantine
+    report = ingest(args.source, args.input, lake, quarantine).to_dict()
+    print(f"{report['input_rows']:,} rows: {report['accepted']:,} accepted, "
+          f"{report['quarantined']:,} quarantined, {report['duplicates']:,} duplicates")
+    for reason, count in sorted(report["quarantine_reasons"].items()):
+        print(f"  quarantined {count:,} × {reason}")
+    if report["quarantined"]:
+        print(f"  quarantined rows: {report['quarantine_path']}")
+    return report
+
+
+def cmd_features(args: argparse.Namespace, workspace: Workspace) -> dict:
+    from features.build import FeatureConfig
+    from flows.steps import features_step
+
+    config = FeatureConfig(args.history_length, args.valid_days, args.test_days)
+    report = features_step(workspace, config)
+    print(f"examples {report['rows']} → {report['out_dir']}")
+    return report
+
+
+def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
+    from flows.steps import RankerJob, register_step, train_ranker_step
+
+    if not (workspace.examples / "train.parquet").exists():
+        raise UserError(f"no examples in {workspace.examples}; run `recpipe features` first")
+    job = RankerJob(
+        ranker={"arch": args.arch},
+        train={"epochs": args.epochs, "batch_size": args.batch_size,
+               "learning_rate": args.lr, "seed": args.seed},
+    )
+    summary = train_ranker_step(workspace, job)
+    if not args.no_register:
+        summary["registered"] = register_step(workspace, summary["model_uri"], summary["run_id"])
+    print_metrics(summary["metrics"])
+    if "registered" in summary:
+        reg = summary["registered"]
+        print(f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
+    return summary
+
+
+def cmd_nightly(args: argparse.Namespace, workspace: Workspace) -> dict:
+    from flows.nightly import nightly
+
+    summary = nightly(
+        home=str(workspace.root), source=args.source,
+        input_path=str(args.input) if args.input else None,
+        users=args.users, days=args.days, seed=args.seed, arch=args.arch, epochs=args.epochs,
+        history_length=args.history_length,
+    )
+    print_metrics(summary["train_ranker"]["metrics"])
+    reg = summary["register"]
+    print(f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
+    print("review: `recpipe ui` prints how to open MLflow and Prefect on this workspace")
+    return summary
+
+
+def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
+    api_url = ensure_prefect_server(workspace, args.port)
+    os.environ["PREFECT_API_URL"] = api_url
+    from prefect.schedules import Cron
+
+    from flows.nightly import nightly
+
+    print(f"serving deployment recpipe-nightly/nightly on {api_url} "
+          f"with cron {args.cron!r} ({args.timezone}); Ctrl-C stops")
+    nightly.serve(
+        name="nightly",
+        schedules=[Cron(args.cron, timezone=args.timezone)],
+        parameters={"home": str(workspace.root), "users": args.users, "days": args.days,
+                    "seed": args.seed, "arch": args.arch, "epochs": args.epochs},
+    )
+    return {"api_url": api_url, "cron": args.cron, "timezone": args.timezone}
+
+
+def ensure_prefect_server(workspace: Workspace, port: int, timeout_s: float = 120.0) -> str:
+    """Return the API URL of a healthy Prefect server, starting one in the background (logs
+    in ``<home>/prefect/server.log``) when none answers at ``$PREFECT_API_URL`` or the port."""
+    api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
+    if prefect_healthy(api_url):
+        return api_url
+    log = (workspace.prefect_home / "server.log").open("ab")
+    subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PREFECT_HOME": str(workspace.prefect_home)},
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if prefect_healthy(api_url):
+            return api_url
+        time.sleep(1.0)
+    raise UserError(f"the Prefect server did not answer at {api_url} within {timeout_s:.0f} s; "
+                    f"see {workspace.prefect_home / 'server.log'}")
+
+
+def prefect_healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def cmd_ui(args: argparse.Namespace, workspace: Workspace) -> dict:
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                  workspace.tracking_uri, "--default-artifact-root",
+                  workspace.artifacts.as_uri(), "--port", str(args.mlflow_port)]
+    prefect_cmd = [sys.executable, "-m", "prefect", "server", "start", "--port",
+                   str(args.prefect_port)]
+    summary = {
+        "mlflow_url": f"http://127.0.0.1:{args.mlflow_port}",
+        "mlflow_command": " ".join(mlflow_cmd),
+        "prefect_url": f"http://127.0.0.1:{args.prefect_port}",
+        "prefect_command": f"PREFECT_HOME={workspace.prefect_home} " + " ".join(prefect_cmd),
+    }
+    print(f"MLflow UI:  {summary['mlflow_command']}\n            then open {summary['mlflow_url']}")
+    print(f"Prefect UI: {summary['prefect_command']}\n            then open "
+          f"{summary['prefect_url']}")
+    if args.open:
+        processes = [subprocess.Popen(mlflow_cmd), subprocess.Popen(prefect_cmd)]
+        try:
+            for process in processes:
+                process.wait()
+        except KeyboardInterrupt:
+            for process in processes:
+                process.terminate()
+    return summary
+
+
+def print_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> None:
+    print(f"{'split':<6} {'task':<11} {'AUC':>7} {'GAUC':>7} {'logloss':>8}")
+    for split, tasks in metrics.items():
+        for task, values in tasks.items():
+            if "auc" in values:
+                print(f"{split:<6} {task:<11} {values['auc']:7.4f} {values['gauc']:7.4f} "
+                      f"{values['logloss']:8.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

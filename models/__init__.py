@@ -1,0 +1,1 @@
+"""torch + TorchRec: batches, shared blocks, input encoders, rankers, training, registry."""

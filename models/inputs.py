@@ -1,0 +1,88 @@
+"""The input encoder every ranker shares: TorchRec embeddings + target attention + dense.
+
+Pooled ids (user, author, item type, hour) go through an ``EmbeddingBagCollection``; the
+target item and the behaviour history through an ``EmbeddingCollection`` whose item table is
+shared by ``item_id`` and ``hist_item_id``, so attention compares items in one space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+from torchrec.modules.embedding_configs import PoolingType
+
+from features.schema import SEQUENCE_BEHAVIOR_FEATURE, SEQUENCE_ITEM_FEATURE, ExampleSchema
+from models.batch import POOLED_FEATURES, RankerBatch
+from models.blocks import TargetAttention
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Embedding sizes of the shared input encoder."""
+
+    embedding_dim: int = 16
+    """D: width of every embedding table."""
+    attention_hidden: int = 32
+    """Hidden width of the target-attention scorer."""
+
+
+class InputEncoder(nn.Module):
+    """RankerBatch → (B, out_dim) features: pooled ids, target item, attended history, dense.
+
+    ``user_encoder`` (optional) is a module mapping the batch to (B, D_u) user vectors; the
+    self-supervised pretraining plugs in here.
+    """
+
+    def __init__(
+        self, schema: ExampleSchema, config: InputConfig, user_encoder: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        dim = config.embedding_dim
+        self.pooled = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name=f"t_{name}", embedding_dim=dim, num_embeddings=schema.vocab_sizes[name],
+                    feature_names=[name], pooling=PoolingType.SUM,
+                )
+                for name in POOLED_FEATURES
+            ],
+            device=torch.device("cpu"),
+        )
+        self.sequence = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name="t_item", embedding_dim=dim, num_embeddings=schema.vocab_sizes["item_id"],
+                    feature_names=["item_id", SEQUENCE_ITEM_FEATURE],
+                ),
+                EmbeddingConfig(
+                    name="t_behavior", embedding_dim=dim, num_embeddings=schema.n_behaviors,
+                    feature_names=[SEQUENCE_BEHAVIOR_FEATURE],
+                ),
+            ],
+            device=torch.device("cpu"),
+        )
+        self.attention = TargetAttention(dim, config.attention_hidden)
+        self.history_length = schema.history_length
+        self.user_encoder = user_encoder
+        user_dim = getattr(user_encoder, "out_dim", 0) if user_encoder is not None else 0
+        self.out_dim = dim * (len(POOLED_FEATURES) + 2) + len(schema.dense_features) + user_dim
+
+    def forward(self, batch: RankerBatch) -> torch.Tensor:
+        pooled = self.pooled(batch.pooled).values()  # (B, P * D)
+        seq = self.sequence(batch.sequence)
+        target = seq["item_id"].values()  # (B, D)
+        items = seq[SEQUENCE_ITEM_FEATURE]
+        history = items.to_padded_dense(desired_length=self.history_length)  # (B, T, D)
+        history = history + seq[SEQUENCE_BEHAVIOR_FEATURE].to_padded_dense(
+            desired_length=self.history_length
+        )
+        positions = torch.arange(self.history_length).unsqueeze(0)  # (1, T)
+        mask = positions < items.lengths().unsqueeze(1)  # (B, T)
+        attended = self.attention(target, history, mask)  # (B, D)
+        parts = [pooled, target, attended, batch.dense]
+        if self.user_encoder is not None:
+            parts.append(self.user_encoder(batch))
+        return torch.cat(parts, dim=-1)

@@ -1,0 +1,142 @@
+"""The MLflow adapter: log a model with everything needed to rebuild it, register, alias.
+
+A ranker is logged as an ``mlflow.pyfunc`` model whose artifacts are its state dict, its
+``RankerConfig``, the ``ExampleSchema`` and the ``Vocabulary``; ``predict`` takes raw rows
+(``features.schema.RAW_INPUT_COLUMNS``) and encodes them with the same ``features.encode``
+code as training, so ``models:/recpipe-ranker@champion`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import polars as pl
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from features.encode import encode_examples
+from features.schema import ExampleSchema
+from features.vocab import Vocabulary
+from models.batch import ExampleArrays
+from models.losses import task_predictions
+from models.rankers import RankerConfig, build_ranker
+from models.training import predict_outputs
+
+RANKER_MODEL_NAME = "recpipe-ranker"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+RUNTIME_PACKAGES = ("torch", "torchrec", "fbgemm-gpu-cpu", "polars", "pyarrow", "mlflow", "numpy")
+
+
+def ensure_experiment(name: str, artifact_root: Path) -> str:
+    """Create (or reuse) an experiment whose artifacts live under ``artifact_root``."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (artifact_root / name).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def runtime_requirements() -> list[str]:
+    """Exact pins of what a logged model needs (skips MLflow's slow inference)."""
+    return [f"{name}=={version(name)}" for name in RUNTIME_PACKAGES]
+
+
+@dataclass
+class LoadedRanker:
+    """A ranker rebuilt from its artifacts, ready to score."""
+
+    model: nn.Module
+    config: RankerConfig
+    schema: ExampleSchema
+    vocab: Vocabulary
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> LoadedRanker:
+        config = RankerConfig.from_dict(json.loads((directory / "ranker_config.json").read_text()))
+        schema = ExampleSchema.from_dict(json.loads((directory / "schema.json").read_text()))
+        model = build_ranker(schema, config)
+        state = torch.load(directory / "state_dict.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        model.eval()
+        return cls(model, config, schema, Vocabulary.load(directory / "vocab.json"))
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), directory / "state_dict.pt")
+        (directory / "ranker_config.json").write_text(json.dumps(self.config.to_dict()))
+        (directory / "schema.json").write_text(json.dumps(self.schema.to_dict()))
+        self.vocab.save(directory / "vocab.json")
+
+    def score_encoded(self, examples: pl.DataFrame) -> np.ndarray:
+        """Predictions (N, K) for already encoded example rows (probabilities / seconds)."""
+        arrays = ExampleArrays.from_frame(examples, self.schema)
+        outputs = torch.from_numpy(predict_outputs(self.model, arrays))
+        return task_predictions(outputs, self.schema.tasks).numpy()
+
+    def score_raw(self, rows: pl.DataFrame) -> np.ndarray:
+        """Predictions (N, K) for raw rows (``features.schema.RAW_INPUT_COLUMNS``)."""
+        return self.score_encoded(encode_examples(rows, self.vocab, self.schema))
+
+
+class RankerPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: raw rows in, one column of predictions per task out."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001 (MLflow's PythonModelContext)
+        self.ranker = LoadedRanker.from_dir(Path(context.artifacts["ranker"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
+        rows = pl.from_pandas(model_input).with_columns(
+            pl.col("ts").cast(pl.Datetime("us", "UTC"))
+        )
+        predictions = self.ranker.score_raw(rows)
+        return pd.DataFrame(predictions, columns=[t.name for t in self.ranker.schema.tasks])
+
+
+def log_ranker(ranker: LoadedRanker, input_example: pd.DataFrame | None = None) -> str:
+    """Log ``ranker`` into the active run as ``ranker``; returns the model URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ranker.save(Path(tmp))
+        info = mlflow.pyfunc.log_model(
+            name="ranker",
+            python_model=RankerPyfunc(),
+            artifacts={"ranker": tmp},
+            pip_requirements=runtime_requirements(),
+            input_example=input_example,
+        )
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, run_tags: dict[str, str] | None = None) -> dict:
+    """Register ``model_uri`` as a new version of ``name``; alias it ``challenger``, and also
+    ``champion`` when the model has no champion yet. Returns version and aliases."""
+    client = MlflowClient()
+    registered = mlflow.register_model(model_uri, name, tags=run_tags)
+    client.set_registered_model_alias(name, CHALLENGER, registered.version)
+    aliases = [CHALLENGER]
+    if alias_version(name, CHAMPION) is None:
+        client.set_registered_model_alias(name, CHAMPION, registered.version)
+        aliases.append(CHAMPION)
+    return {"name": name, "version": int(registered.version), "aliases": aliases}
+
+
+def alias_version(name: str, alias: str) -> int | None:
+    """The version number behind ``name@alias``, or None if the alias does not exist."""
+    try:
+        return int(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def load_ranker(model_uri: str) -> LoadedRanker:
+    """Rebuild a logged ranker from ``models:/name@alias`` (or any model URI)."""
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().ranker

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny contract-conformant event logs and their encoded examples."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.contract import EVENT_SCHEMA
+from features.schema import DEFAULT_TASKS, SPARSE_FEATURES, ExampleSchema
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def make_events(n_users: int = 40, n_items: int = 60, per_user: int = 30, days: int = 4,
+                seed: int = 0) -> pl.DataFrame:
+    """A small log in the canonical contract with learnable signal: users prefer items whose
+    id parity matches theirs; two impressions of a request share a timestamp."""
+    rng = np.random.default_rng(seed)
+    n = n_users * per_user
+    user = np.repeat(np.arange(n_users), per_user)
+    item = rng.integers(0, n_items, n)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    seconds = np.sort(rng.integers(0, days * 86400, (n_users, per_user)), axis=1).ravel()
+    seconds[1::2] = seconds[0::2]  # pairs of impressions share a request timestamp
+    affinity = np.where((user % 2) == (item % 2), 1.5, -1.5)
+    click = (rng.random(n) < 1 / (1 + np.exp(-affinity))).astype(np.int8)
+    watch = np.where(click == 1, rng.exponential(20.0, n), 0.0)
+    frame = pl.DataFrame({
+        "event_id": [f"e{i}" for i in range(n)],
+        "ts": [start + timedelta(seconds=int(s)) for s in seconds],
+        "user_id": user, "request_id": [f"r{u}-{s}" for u, s in zip(user, seconds)],
+        "item_id": item, "item_type": np.where(item % 10 == 0, "live", "video"),
+        "author_id": item // 3, "position": np.arange(n) % 2, "duration_s": 10.0 + item,
+        "click": click, "like": (click & (rng.random(n) < 0.3)).astype(np.int8),
+        "follow": (click & (rng.random(n) < 0.1)).astype(np.int8),
+        "comment": np.zeros(n, np.int8), "share": np.zeros(n, np.int8),
+        "hate": np.zeros(n, np.int8), "long_view": (watch > 20).astype(np.int8),
+        "gift": [None] * n, "watch_time_s": watch, "propensity": np.full(n, 0.5),
+        "policy": ["test"] * n, "source": ["canonical"] * n,
+    })
+    return frame.with_columns(pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()).select(
+        list(EVENT_SCHEMA)
+    )
+
+
+@pytest.fixture
+def tiny_events() -> pl.DataFrame:
+    return make_events()
+
+
+def encode_for_tests(events: pl.DataFrame, history_length: int = 8):
+    """(examples frame, ExampleSchema, Vocabulary) built by the production feature code."""
+    from features.build import attach_histories, task_targets
+    from features.encode import encode_examples
+    from features.vocab import Vocabulary
+
+    frame = attach_histories(events, history_length)
+    vocab = Vocabulary.fit(frame.with_columns(pl.col("ts").dt.hour().alias("hour")),
+                           SPARSE_FEATURES)
+    schema = ExampleSchema(history_length=history_length,
+                           vocab_sizes={f: vocab.size(f) for f in SPARSE_FEATURES})
+    examples = encode_examples(frame, vocab, schema).with_columns(task_targets(DEFAULT_TASKS))
+    return examples, schema, vocab
+
+
+@pytest.fixture
+def tiny_examples(tiny_events):
+    return encode_for_tests(tiny_events)

@@ -1,0 +1,41 @@
+"""The whole nightly flow end to end on tiny simulated data, as a real Prefect flow run."""
+
+from __future__ import annotations
+
+import mlflow
+import polars as pl
+import pytest
+
+from features.schema import RAW_INPUT_COLUMNS
+from flows.workspace import Workspace
+
+pytestmark = pytest.mark.integration
+
+
+def test_nightly_flow_registers_a_ranker_that_loads_and_scores(tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.nightly import nightly
+
+    workspace = Workspace(tmp_path / "ws")
+    with prefect_test_harness(server_startup_timeout=90):
+        state = nightly(home=str(workspace.root), users=120, days=4, seed=3, epochs=1,
+                        return_state=True)
+    assert state.is_completed(), state
+    summary = state.result()
+    ingest = summary["ingest"]
+    assert ingest["input_rows"] == ingest["accepted"] + ingest["quarantined"] + ingest["duplicates"]
+    assert summary["features"]["rows"]["test"] > 0
+    assert summary["register"]["version"] == 1
+    assert set(summary["register"]["aliases"]) == {"challenger", "champion"}
+    metrics = summary["train_ranker"]["metrics"]["test"]
+    assert 0.5 < metrics["click"]["auc"] <= 1.0
+
+    mlflow.set_tracking_uri(workspace.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/recpipe-ranker@challenger")
+    rows = pl.read_parquet(workspace.examples / "test.parquet").head(50)
+    scores = model.predict(rows.select(RAW_INPUT_COLUMNS).to_pandas())
+    assert list(scores.columns) == ["click", "like", "follow", "long_view", "watch_time"]
+    assert len(scores) == 50
+    assert scores["click"].between(0, 1).all()
+    assert (scores["watch_time"] >= 0).all()
