@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--source", choices=["canonical", "simulator", "kuairand"], required=True)
     ing.add_argument("--input", type=Path, required=True, help="file or folder to ingest")
     ing.add_argument("--lake", type=Path, help="lake folder (default <home>/lake)")
-    ing.add_argument("--quarantine", type=Path, help="quarantine folder (default <home>/quarantine)")
+    ing.add_argument("--quarantine", type=Path,
+                     help="quarantine folder (default <home>/quarantine)")
 
     feat = command("features", cmd_features, "build train/valid/test examples from the lake")
     add_feature_options(feat)

@@ -6,7 +6,7 @@ Steps take and return paths, URIs and JSON-able summaries, never DataFrames.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from features.build import FeatureConfig, build_examples
@@ -48,9 +48,9 @@ def ingest_step(source: str, input_path: Path, workspace: Workspace) -> dict:
     return report.to_dict()
 
 
-def features_step(workspace: Workspace, config: FeatureConfig = FeatureConfig()) -> dict:
+def features_step(workspace: Workspace, config: FeatureConfig | None = None) -> dict:
     """Build train/valid/test examples from the whole lake into ``workspace.examples``."""
-    return build_examples(workspace.lake, workspace.examples, config).to_dict()
+    return build_examples(workspace.lake, workspace.examples, config or FeatureConfig()).to_dict()
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,16 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
     metrics ``{split: {task: {auc, gauc, logloss, ...}}}``. Registers nothing."""
     import mlflow
     import polars as pl
+    import torch
 
     from evaluation.metrics import task_metrics
     from features.build import load_schema
     from features.vocab import Vocabulary
     from models.batch import ExampleArrays
     from models.losses import MultiTaskLoss, task_predictions
-    from models.rankers import RankerConfig, build_ranker
+    from models.rankers import RankerConfig, build_ranker, init_output_bias
     from models.registry import LoadedRanker, ensure_experiment, log_ranker
     from models.training import TrainConfig, fit, predict_outputs
-
-    import torch
 
     examples = workspace.examples
     schema = load_schema(examples)
@@ -89,6 +88,7 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
               for name in ("train", "valid", "test")}
     torch.manual_seed(train_config.seed)
     model = build_ranker(schema, ranker_config)
+    init_output_bias(model, torch.from_numpy(splits["train"].labels))
     loss_fn = MultiTaskLoss(schema.tasks, train_config.task_weights)
     task_names = [task.name for task in schema.tasks]
 
@@ -115,8 +115,7 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
             mlflow.log_metrics(flatten_metrics(split, values))
         vocab = Vocabulary.load(examples / "vocab.json")
         ranker = LoadedRanker(model, ranker_config, schema, vocab)
-        example = pl.read_parquet(examples / "test.parquet", n_rows=5)
-        model_uri = log_ranker(ranker, raw_input_example(example))
+        model_uri = log_ranker(ranker, pl.read_parquet(examples / "test.parquet", n_rows=5))
     return {
         "run_id": run.info.run_id,
         "experiment_id": experiment_id,
@@ -134,13 +133,6 @@ def register_step(workspace: Workspace, model_uri: str, run_id: str) -> dict:
 
     mlflow.set_tracking_uri(workspace.tracking_uri)
     return register(model_uri, RANKER_MODEL_NAME, {"run_id": run_id})
-
-
-def raw_input_example(examples):  # noqa: ANN001, ANN201 (polars in, pandas out)
-    """The raw columns of a few example rows, as the pyfunc's input example."""
-    from features.schema import RAW_INPUT_COLUMNS
-
-    return examples.select(RAW_INPUT_COLUMNS).to_pandas()
 
 
 def flatten_params(nested: dict, prefix: str = "") -> dict[str, str]:
@@ -171,5 +163,3 @@ def json_file(path: Path) -> dict:
 
     return json.loads(path.read_text())
 
-
-__all__ = ["SimulateParams", "RankerJob", "asdict"]

@@ -93,9 +93,10 @@ class ExampleArrays:
         """Assemble the rows ``rows`` (1-D int array) into a RankerBatch."""
         size = len(rows)
         ones = torch.ones(size, dtype=torch.int64)
+        pooled_ids = np.concatenate([self.pooled[name][rows] for name in POOLED_FEATURES])
         pooled = KeyedJaggedTensor.from_lengths_sync(
             keys=list(POOLED_FEATURES),
-            values=torch.from_numpy(np.concatenate([self.pooled[k][rows] for k in POOLED_FEATURES])),
+            values=torch.from_numpy(pooled_ids),
             lengths=ones.repeat(len(POOLED_FEATURES)),
         )
         starts, ends = self.hist_offsets[rows], self.hist_offsets[rows + 1]

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from features.encode import encode_examples
-from features.schema import ExampleSchema
+from features.schema import RAW_INPUT_COLUMNS, ExampleSchema
 from features.vocab import Vocabulary
 from models.batch import ExampleArrays
 from models.losses import task_predictions
@@ -95,23 +95,48 @@ class RankerPyfunc(mlflow.pyfunc.PythonModel):
         self.ranker = LoadedRanker.from_dir(Path(context.artifacts["ranker"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
-        rows = pl.from_pandas(model_input).with_columns(
-            pl.col("ts").cast(pl.Datetime("us", "UTC"))
-        )
-        predictions = self.ranker.score_raw(rows)
+        predictions = self.ranker.score_raw(raw_rows_from_pandas(model_input))
         return pd.DataFrame(predictions, columns=[t.name for t in self.ranker.schema.tasks])
 
 
-def log_ranker(ranker: LoadedRanker, input_example: pd.DataFrame | None = None) -> str:
-    """Log ``ranker`` into the active run as ``ranker``; returns the model URI."""
+def raw_rows_from_pandas(frame: pd.DataFrame) -> pl.DataFrame:
+    """Pandas rows (MLflow's pyfunc input) → raw Polars rows with contract dtypes: ``ts`` as
+    UTC (naive values are taken as UTC, strings parsed as ISO 8601), ids as Int64."""
+    rows = pl.from_pandas(frame)
+    ts = rows.schema["ts"]
+    if ts == pl.String:
+        parsed = pl.col("ts").str.to_datetime(time_zone="UTC")
+    elif isinstance(ts, pl.Datetime) and ts.time_zone is None:
+        parsed = pl.col("ts").dt.replace_time_zone("UTC")
+    else:
+        parsed = pl.col("ts").dt.convert_time_zone("UTC")
+    return rows.with_columns(
+        parsed.dt.cast_time_unit("us"),
+        pl.col("user_id", "item_id", "author_id", "position").cast(pl.Int64),
+        pl.col("duration_s").cast(pl.Float64),
+    )
+
+
+def pandas_input_example(raw: pl.DataFrame) -> pd.DataFrame:
+    """Raw rows as the pyfunc input example, with ``ts`` as naive UTC (MLflow signatures
+    accept only naive datetimes)."""
+    return raw.select(RAW_INPUT_COLUMNS).with_columns(
+        # whole seconds: MLflow's serving-example check parses ISO strings without fractions
+        pl.col("ts").dt.convert_time_zone("UTC").dt.replace_time_zone(None).dt.truncate("1s"),
+    ).to_pandas()
+
+
+def log_ranker(ranker: LoadedRanker, example_rows: pl.DataFrame) -> str:
+    """Log ``ranker`` into the active run as ``ranker``, with a few raw ``example_rows`` as
+    input example (its signature is inferred from them); returns the model URI."""
     with tempfile.TemporaryDirectory() as tmp:
         ranker.save(Path(tmp))
         info = mlflow.pyfunc.log_model(
             name="ranker",
-            python_model=RankerPyfunc(),
+            python_model=str(Path(__file__).with_name("pyfunc_ranker.py")),
             artifacts={"ranker": tmp},
             pip_requirements=runtime_requirements(),
-            input_example=input_example,
+            input_example=pandas_input_example(example_rows),
         )
     return info.model_uri
 

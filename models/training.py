@@ -69,7 +69,7 @@ def fit(
         batches = train.batches(config.batch_size, shuffle=True, seed=config.seed + epoch)
         n_batches = math.ceil(len(train) / config.batch_size)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not config.progress, leave=False)
+                   disable=not config.progress, leave=False, mininterval=1.0)
         for batch in bar:
             loss, per_task = loss_fn(model(batch), batch.labels, batch.label_mask)
             if not torch.isfinite(loss):
@@ -85,7 +85,9 @@ def fit(
             bar.set_postfix(loss=f"{totals[0] / steps:.4f}")
         means = totals / max(steps, 1)
         record = {"loss": float(means[0])}
-        record.update({f"loss_{name}": float(v) for name, v in zip(task_names, means[1:])})
+        record.update(
+            {f"loss_{name}": float(v) for name, v in zip(task_names, means[1:], strict=True)}
+        )
         history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ def make_events(n_users: int = 40, n_items: int = 60, per_user: int = 30, days: 
     n = n_users * per_user
     user = np.repeat(np.arange(n_users), per_user)
     item = rng.integers(0, n_items, n)
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
     seconds = np.sort(rng.integers(0, days * 86400, (n_users, per_user)), axis=1).ravel()
     seconds[1::2] = seconds[0::2]  # pairs of impressions share a request timestamp
     affinity = np.where((user % 2) == (item % 2), 1.5, -1.5)
@@ -33,7 +33,7 @@ def make_events(n_users: int = 40, n_items: int = 60, per_user: int = 30, days: 
     frame = pl.DataFrame({
         "event_id": [f"e{i}" for i in range(n)],
         "ts": [start + timedelta(seconds=int(s)) for s in seconds],
-        "user_id": user, "request_id": [f"r{u}-{s}" for u, s in zip(user, seconds)],
+        "user_id": user, "request_id": [f"r{u}-{s}" for u, s in zip(user, seconds, strict=False)],
         "item_id": item, "item_type": np.where(item % 10 == 0, "live", "video"),
         "author_id": item // 3, "position": np.arange(n) % 2, "duration_s": 10.0 + item,
         "click": click, "like": (click & (rng.random(n) < 0.3)).astype(np.int8),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from features.schema import ExampleSchema
@@ -22,4 +23,17 @@ def build_ranker(
     return ARCHITECTURES[config.arch](schema, config, user_encoder)
 
 
-__all__ = ["ARCHITECTURES", "RankerConfig", "build_ranker"]
+def init_output_bias(model: nn.Module, targets: torch.Tensor) -> None:
+    """Start every task tower at its base rate (binary: log-odds of the training positive
+    rate; regression: the training mean), so the first epochs are spent on ranking, not on
+    finding the intercept. targets (N, K) with NaN where unobserved."""
+    means = torch.nanmean(targets, dim=0)  # (K,)
+    for tower, mean, binary in zip(model.towers, means, model.binary_tasks, strict=True):
+        if torch.isnan(mean):
+            continue
+        value = torch.logit(mean.clamp(1e-4, 1 - 1e-4)) if binary else mean
+        with torch.no_grad():
+            tower.out.bias.fill_(float(value))
+
+
+__all__ = ["ARCHITECTURES", "RankerConfig", "build_ranker", "init_output_bias"]

@@ -42,6 +42,7 @@ class MMoE(nn.Module):
         self.towers = nn.ModuleList(
             Tower(expert_dim, config.tower_hidden, config.dropout) for _ in schema.tasks
         )
+        self.binary_tasks = [task.kind == "binary" for task in schema.tasks]
         self.last_gate_weights: torch.Tensor | None = None
 
     def forward(self, batch: RankerBatch) -> torch.Tensor:

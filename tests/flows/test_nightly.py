@@ -34,7 +34,8 @@ def test_nightly_flow_registers_a_ranker_that_loads_and_scores(tmp_path):
     mlflow.set_tracking_uri(workspace.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/recpipe-ranker@challenger")
     rows = pl.read_parquet(workspace.examples / "test.parquet").head(50)
-    scores = model.predict(rows.select(RAW_INPUT_COLUMNS).to_pandas())
+    naive_utc = pl.col("ts").dt.replace_time_zone(None)  # the signature's datetime is naive UTC
+    scores = model.predict(rows.select(RAW_INPUT_COLUMNS).with_columns(naive_utc).to_pandas())
     assert list(scores.columns) == ["click", "like", "follow", "long_view", "watch_time"]
     assert len(scores) == 50
     assert scores["click"].between(0, 1).all()
