@@ -98,8 +98,9 @@ def split_dates(dates: list[date], config: FeatureConfig) -> dict[str, list[date
 
 def attach_histories(events: pl.DataFrame, history_length: int) -> pl.DataFrame:
     """Add raw ``hist_item_id`` / ``hist_behavior`` lists: the user's last N impressions with
-    a timestamp strictly before this one (impressions sharing a timestamp never see each
-    other), oldest first.
+    a timestamp strictly before this one and from another request, oldest first. Impressions
+    of one request (same ``request_id``, or same timestamp) never see each other: the feed
+    is ranked before any of them is watched.
 
     events: one row per impression, any order. Returns the rows sorted by (user_id, ts,
     event_id).
@@ -111,8 +112,10 @@ def attach_histories(events: pl.DataFrame, history_length: int) -> pl.DataFrame:
     row = np.arange(n)
     new_user = np.ones(n, dtype=bool)
     new_user[1:] = user[1:] != user[:-1]
+    request = frame.get_column("request_id")
+    same_request = (request == request.shift(1)).fill_null(False).to_numpy()  # null ≠ null
     new_instant = new_user.copy()
-    new_instant[1:] |= ts[1:] != ts[:-1]
+    new_instant[1:] |= (ts[1:] != ts[:-1]) & ~same_request[1:]
     user_start = np.maximum.accumulate(np.where(new_user, row, 0))
     history_end = np.maximum.accumulate(np.where(new_instant, row, 0))  # first row at this ts
     history_start = np.maximum(user_start, history_end - history_length)

@@ -78,3 +78,16 @@ def test_unseen_ids_map_to_the_unknown_index(tiny_events):
     assert (hist == UNKNOWN_INDEX).sum() > 0  # item 7 in histories is unknown too
     round_trip = Vocabulary.from_json(vocab.to_json())
     assert round_trip == vocab
+
+
+def test_slots_of_one_request_do_not_see_each_other_even_with_later_timestamps(tiny_events):
+    # the simulator stamps slot j of a request at request time + j ms
+    staggered = tiny_events.with_columns(
+        pl.col("ts") + pl.duration(milliseconds=pl.col("position"))
+    )
+    frame = attach_histories(staggered, history_length=50)
+    per_request = frame.group_by("request_id").agg(pl.col("hist_item_id"), pl.len().alias("n"))
+    shared = per_request.filter(pl.col("n") > 1)
+    assert shared.height > 0
+    for histories in shared.get_column("hist_item_id").to_list():
+        assert all(h == histories[0] for h in histories)
