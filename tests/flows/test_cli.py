@@ -1,0 +1,64 @@
+"""The `recpipe` CLI in-process: the step commands chained on tiny simulated data, --json,
+and clear non-zero exits on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.cli import USER_ERROR_EXIT, main
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    for name in ("RECPIPE_HOME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RECPIPE_HOME", str(tmp_path / "ws"))
+    return tmp_path / "ws"
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_steps_chain_from_simulation_to_a_registered_ranker(home, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    simulated = run_json(capsys, "simulate", "--out", str(raw), "--users", "80", "--days", "4")
+    n = simulated["summary"]["n_impressions"]
+    first = run_json(capsys, "ingest", "--source", "simulator", "--input", str(raw))
+    assert (first["input_rows"], first["accepted"], first["duplicates"]) == (n, n, 0)
+    again = run_json(capsys, "ingest", "--source", "simulator", "--input", str(raw))
+    assert (again["accepted"], again["duplicates"]) == (0, n)
+    built = run_json(capsys, "features", "--history-length", "10")
+    assert sum(built["rows"].values()) == n
+    assert len(built["dates"]["test"]) == 1 and len(built["dates"]["valid"]) == 1
+    trained = run_json(capsys, "train-ranker", "--epochs", "1")
+    for split in ("valid", "test"):
+        for task in ("click", "like", "follow", "long_view"):
+            assert set(trained["metrics"][split][task]) >= {"auc", "gauc", "logloss"}
+    assert trained["registered"]["version"] == 1
+    retrained = run_json(capsys, "train-ranker", "--epochs", "1")
+    assert retrained["registered"] == {"name": "recpipe-ranker", "version": 2,
+                                       "aliases": ["challenger"]}
+
+
+def test_ingest_of_a_file_that_is_not_kuairand_exits_2_naming_it(home, tmp_path, capsys):
+    bad = tmp_path / "notes.csv"
+    bad.write_text("hello,world\n1,2\n")
+    assert main(["ingest", "--source", "kuairand", "--input", str(bad)]) == USER_ERROR_EXIT
+    error = capsys.readouterr().err
+    assert str(bad) in error and "missing columns" in error
+    assert not any((home / "lake" / "events").glob("date=*"))
+
+
+def test_training_without_examples_says_what_to_run(home, capsys):
+    assert main(["train-ranker"]) == USER_ERROR_EXIT
+    assert "recpipe features" in capsys.readouterr().err
+
+
+def test_ui_prints_commands_for_this_workspace(home, capsys):
+    summary = run_json(capsys, "ui")
+    assert f"sqlite:///{home}/mlflow.db" in summary["mlflow_command"]
+    assert f"PREFECT_HOME={home}/prefect" in summary["prefect_command"]
