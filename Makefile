@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 export RECPIPE_HOME ?= $(CURDIR)/workspace
 
-.PHONY: run test test-all lint install clean
+.PHONY: run test test-all lint install clean bench-env bench-rankers
 
 run: $(STAMP)  ## install if needed, then one nightly run on the built-in simulator
 	$(VENV)/bin/recpipe nightly
@@ -31,6 +31,28 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PIP) install -q -c constraints.txt --no-deps torchrec
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# The benchmark environment: the same pinned install plus DeepCTR-Torch, kept out of .venv so
+# the product never depends on it. The last line fails if deepctr-torch changed torch.
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+bench-env: $(BENCH_STAMP)  ## .venv-bench: the project's pins + deepctr-torch==0.3.0
+
+$(BENCH_STAMP): constraints.txt pyproject.toml
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu
+	$(BENCH_PY) -m pip install -q -c constraints.txt --no-deps torchrec
+	$(BENCH_PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BENCH_PY) -m pip install -q -c constraints.txt deepctr-torch==0.3.0
+	$(BENCH_PY) -c "import torch, deepctr_torch; assert torch.__version__.startswith('2.13.0'), \
+	  torch.__version__; print('torch', torch.__version__, 'deepctr-torch', deepctr_torch.__version__)"
+	touch $(BENCH_STAMP)
+
+bench-rankers: $(BENCH_STAMP)  ## side-by-side ranker benchmark (2 threads) → benchmarks/README.md
+	$(BENCH_PY) benchmarks/rankers.py
 
 clean:
 	rm -rf $(VENV) workspace

@@ -10,7 +10,7 @@ from features.schema import (
     SPARSE_FEATURES,
     ExampleSchema,
 )
-from features.vocab import FIRST_ID_INDEX, UNKNOWN_INDEX, Vocabulary
+from features.vocab import Vocabulary
 
 
 def encode_examples(
@@ -23,19 +23,12 @@ def encode_examples(
     columns of ``features.schema.DENSE_FEATURES`` (Float32).
     """
     n = schema.history_length
-    known_items = list(vocab.ids["item_id"])
     frame = raw.with_columns(pl.col("ts").dt.hour().cast(pl.Int64).alias("hour"))
     frame = vocab.encode_frame(frame, SPARSE_FEATURES)
     hist_items = pl.col(SEQUENCE_ITEM_FEATURE).list.tail(n)
     return frame.with_columns(
-        hist_items.list.eval(
-            pl.element().replace_strict(
-                old=known_items,
-                new=list(range(FIRST_ID_INDEX, FIRST_ID_INDEX + len(known_items))),
-                default=UNKNOWN_INDEX,
-                return_dtype=pl.Int64,
-            )
-        ).alias(f"{SEQUENCE_ITEM_FEATURE}_idx"),
+        hist_items.list.eval(vocab.encode(pl.element(), "item_id"))
+        .alias(f"{SEQUENCE_ITEM_FEATURE}_idx"),
         pl.col(SEQUENCE_BEHAVIOR_FEATURE).list.tail(n).cast(pl.List(pl.Int64)),
         pl.col("duration_s").fill_null(0.0).clip(lower_bound=0.0).log1p()
         .cast(pl.Float32).alias("duration_log"),

@@ -97,6 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulation_options(sched)
     add_ranker_options(sched)
 
+    ope = command("ope", cmd_ope,
+                  "off-policy estimates of a policy's value from logged bandit feedback")
+    ope.add_argument("dataset", choices=["obd"], help="obd: the Open Bandit Dataset benchmark")
+    ope.add_argument("--data", type=Path,
+                     help="Open Bandit folder with random/ and bts/ (default ../shared/data/obd)")
+    ope.add_argument("--campaign", choices=["all", "men", "women"], default="all")
+    ope.add_argument("--behavior", choices=["random", "bts"], default="random",
+                     help="policy whose logs are used")
+    ope.add_argument("--evaluation", choices=["bts", "random"], default="bts",
+                     help="policy whose value is estimated (truth: its own logs' mean click)")
+    ope.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples")
+    ope.add_argument("--n-sim", type=int, default=100_000,
+                     help="Monte-Carlo draws for the Bernoulli TS action probabilities")
+    ope.add_argument("--no-refit", action="store_true",
+                     help="hold the reward model fixed in the bootstrap (faster, DM too sure)")
+    ope.add_argument("--seed", type=int, default=0, help="seed (Monte Carlo, folds, bootstrap)")
+
+    ab = command("ab", cmd_ab, "offline A/B of a registered model's challenger vs champion; "
+                 "promote when the gates pass")
+    ab.add_argument("--model", default="recpipe-ranker", help="registered model name")
+    ab.add_argument("--challenger", default="challenger", help="alias or version (e.g. 3)")
+    ab.add_argument("--champion", default="champion", help="alias or version")
+    ab.add_argument("--gates", type=Path, help="JSON gate config (evaluation.ab.GateConfig)")
+    ab.add_argument("--primary", help="override the primary metric, e.g. click/gauc")
+    ab.add_argument("--min-improvement", type=float, help="override the primary's margin")
+    ab.add_argument("--test", type=Path,
+                    help="held-out examples (default <home>/lake/examples/test.parquet)")
+    ab.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
+    ab.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ab.add_argument("--dry-run", action="store_true", help="decide and log, never promote")
+
     ui = command("ui", cmd_ui, "print (or --open) the MLflow and Prefect UIs of the workspace")
     ui.add_argument("--open", action="store_true", help="start both UI servers and wait")
     ui.add_argument("--mlflow-port", type=int, default=5000)
@@ -190,8 +221,74 @@ def cmd_nightly(args: argparse.Namespace, workspace: Workspace) -> dict:
     print_metrics(summary["train_ranker"]["metrics"])
     reg = summary["register"]
     print(f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
+    if "ab" in summary:
+        print(f"offline A/B ({summary['ab']['status']}): {summary['ab']['message']}")
+        summary["ab"] = {k: v for k, v in summary["ab"].items() if k != "markdown"}
     print("review: `recpipe ui` prints how to open MLflow and Prefect on this workspace")
     return summary
+
+
+def default_obd_dir() -> Path:
+    """``../shared/data/obd`` from the working directory, else beside the repository."""
+    here = Path("../shared/data/obd")
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "obd"
+
+
+def cmd_ope(args: argparse.Namespace, workspace: Workspace) -> dict:
+    from evaluation.obd import run_obd
+    from evaluation.ope import OPEConfig
+
+    data = args.data or default_obd_dir()
+    if not data.is_dir():
+        raise UserError(f"{data}: no Open Bandit data there; pass --data DIR (the folder with "
+                        "random/, bts/ and prior_bts.yaml)")
+    if args.n_boot < 20:
+        raise UserError(f"--n-boot must be >= 20, got {args.n_boot}")
+    config = OPEConfig(n_boot=args.n_boot, seed=args.seed)
+    summary = run_obd(data, args.campaign, args.behavior, args.evaluation, config,
+                      n_sim=args.n_sim, refit=not args.no_refit, warn=False,
+                      progress=not args.json)
+    print(f"Open Bandit {args.campaign}: value of {args.evaluation} from {summary['n']:,} "
+          f"{args.behavior} logs ({summary['clicks']} clicks); truth (mean click of its own "
+          f"logs) {summary['truth']:.5f} ± {summary['truth_std_error']:.5f}")
+    print(f"{'estimator':<10} {'value':>8} {'95% interval':>20} {'rel.err':>8} {'ESS':>8}")
+    for name, e in summary["estimates"].items():
+        print(f"{name:<10} {e['value']:8.5f} [{e['ci_low']:8.5f}, {e['ci_high']:8.5f}] "
+              f"{e['relative_error']:8.3f} {e['ess']:8.0f}")
+    for message in summary["weights"]["warnings"]:
+        print(f"warning: {message}", file=sys.stderr)
+    return summary
+
+
+def cmd_ab(args: argparse.Namespace, workspace: Workspace) -> dict:
+    from dataclasses import replace
+
+    from evaluation.ab import GateConfig
+    from flows.evaluation_steps import ABJob, ab_step
+
+    gates = GateConfig.from_json(args.gates) if args.gates else GateConfig()
+    if args.primary:
+        gates = replace(gates, primary=args.primary)
+    if args.min_improvement is not None:
+        gates = replace(gates, min_improvement=args.min_improvement)
+    if args.n_boot < 20:
+        raise UserError(f"--n-boot must be >= 20, got {args.n_boot}")
+    if not workspace.mlflow_db.exists():
+        raise UserError(f"no MLflow store at {workspace.mlflow_db}; train a model first")
+    job = ABJob(model_name=args.model, challenger=args.challenger, champion=args.champion,
+                gates=gates, n_boot=args.n_boot, seed=args.seed, promote=not args.dry_run,
+                test_path=str(args.test) if args.test else None)
+    summary = ab_step(workspace, job)
+    if summary["table"] is not None:
+        from evaluation.ab import MetricTable
+
+        print(MetricTable.from_dict(summary["table"]).to_markdown())
+    print(f"{summary['status']}: {summary['message']}")
+    if summary.get("run_id"):
+        print(f"MLflow evaluation run {summary['run_id']} (`recpipe ui` to open it)")
+    return {k: v for k, v in summary.items() if k != "markdown"}
 
 
 def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:

@@ -1,4 +1,5 @@
-"""The nightly Prefect flow: simulate → ingest → features → train ranker → register.
+"""The nightly Prefect flow: simulate → ingest → features → train ranker → register →
+offline A/B of challenger vs champion, with promotion when the gates pass.
 
 Only orchestration: every task wraps a plain function of ``flows.steps`` and passes paths,
 URIs and JSON summaries. I/O tasks retry; training does not (a failure there is not
@@ -12,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows import steps
+from flows import evaluation_steps, steps
 from flows.workspace import Workspace
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
@@ -43,6 +44,12 @@ def train_ranker_task(home: str, arch: str, epochs: int, seed: int) -> dict:
 @task(name="register-ranker", **IO_RETRIES)
 def register_task(home: str, model_uri: str, run_id: str) -> dict:
     return steps.register_step(Workspace(Path(home)), model_uri, run_id)
+
+
+@task(name="ab-promote-ranker")
+def ab_task(home: str, model_name: str) -> dict:
+    job = evaluation_steps.ABJob(model_name=model_name)
+    return evaluation_steps.ab_step(Workspace(Path(home)), job)
 
 
 @flow(name="recpipe-nightly", log_prints=True)
@@ -78,6 +85,12 @@ def nightly(
                                         trained["run_id"])
     create_markdown_artifact(
         key="nightly-ranker", markdown=metrics_markdown(summary), description="Nightly ranker"
+    )
+    summary["ab"] = ab_task(str(workspace.root), summary["register"]["name"])
+    logger.info("offline A/B: %s", summary["ab"]["message"])
+    create_markdown_artifact(
+        key="nightly-ab", markdown=summary["ab"]["markdown"],
+        description="Offline A/B of the ranker challenger vs champion, and the decision",
     )
     return summary
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from features.build import FeatureConfig, build_examples
+from features.schema import TaskSpec
 from flows.workspace import Workspace
 
 RANKER_EXPERIMENT = "recpipe-rankers"
@@ -60,13 +63,28 @@ class RankerJob:
     ranker: dict = field(default_factory=dict)
     """RankerConfig fields (arch, n_experts, …) overriding the defaults."""
     train: dict = field(default_factory=dict)
-    """TrainConfig fields (epochs, batch_size, …) overriding the defaults."""
+    """TrainConfig fields (epochs, batch_size, loss_weighting, …) overriding the defaults."""
+    tasks: tuple[dict, ...] = ()
+    """Tasks to train, as TaskSpec fields ``{"name", "kind", "label"}`` (kind "binary" or
+    "regression", label a contract label column of the examples); empty = the tasks the
+    examples were built with."""
+    ground_truth: str | None = None
+    """Simulator output folder (or its ``ground_truth.parquet``) the examples came from: adds
+    the oracle metrics. The caller that simulated the logs knows it; nothing is guessed."""
 
 
 def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dict:
-    """Train a ranker on the workspace examples, evaluate it on valid and test, log params,
-    per-epoch losses and metrics, and the model to MLflow. Returns run id, model URI and the
-    metrics ``{split: {task: {auc, gauc, logloss, ...}}}``. Registers nothing."""
+    """Train a ranker on the workspace examples, evaluate it on valid and test, and log to
+    MLflow: params, per-epoch losses / task weights / valid metrics, the final metrics, the
+    diagnostics (expert zero activations, gate weights per task, per-task gradient norms at
+    the shared layers; with ``job.ground_truth`` the oracle AUC of the true probabilities and
+    the ratio (AUC - 0.5) / (oracle AUC - 0.5)), their plots, and the model. Returns run id,
+    model URI, ``metrics`` ``{split: {task: {auc, gauc, logloss, ece, …}}}`` and a diagnostics
+    summary. Registers nothing.
+
+    The ground truth is checked before training: every example it covers must carry the
+    same user and item as the simulator's own ``events.parquet``, else ValueError.
+    """
     import mlflow
     import polars as pl
     import torch
@@ -81,22 +99,32 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
     from models.training import TrainConfig, fit, predict_outputs
 
     examples = workspace.examples
-    schema = load_schema(examples)
+    base_schema = load_schema(examples)
+    tasks = resolve_tasks(job.tasks, base_schema.tasks)
+    schema = replace(base_schema, tasks=tasks)
     ranker_config = RankerConfig.from_dict({**RankerConfig().to_dict(), **job.ranker})
     train_config = TrainConfig(**job.train)
-    splits = {name: ExampleArrays.from_parquet(examples / f"{name}.parquet", schema)
+    frames = {name: with_task_targets(pl.read_parquet(examples / f"{name}.parquet"), tasks,
+                                      base_schema.tasks)
               for name in ("train", "valid", "test")}
+    splits = {name: ExampleArrays.from_frame(frame, schema) for name, frame in frames.items()}
+    truth = (
+        {split: load_ground_truth(Path(job.ground_truth), frames[split])
+         for split in ("valid", "test")}
+        if job.ground_truth else None
+    )
     torch.manual_seed(train_config.seed)
     model = build_ranker(schema, ranker_config)
     init_output_bias(model, torch.from_numpy(splits["train"].labels))
-    loss_fn = MultiTaskLoss(schema.tasks, train_config.task_weights)
-    task_names = [task.name for task in schema.tasks]
+    loss_fn = MultiTaskLoss(tasks, train_config.task_weights, train_config.loss_weighting)
+    task_names = [task.name for task in tasks]
+    predictions: dict[str, np.ndarray] = {}
 
     def evaluate(split: str) -> dict[str, dict[str, float]]:
         data = splits[split]
         outputs = torch.from_numpy(predict_outputs(model, data))
-        predictions = task_predictions(outputs, schema.tasks).numpy()
-        return task_metrics(predictions, data.labels, data.user_ids, schema.tasks)
+        predictions[split] = task_predictions(outputs, tasks).numpy()
+        return task_metrics(predictions[split], data.labels, data.user_ids, tasks)
 
     def log_epoch(epoch: int, losses: dict[str, float]) -> None:
         mlflow.log_metrics({f"train_{k}": v for k, v in losses.items()}, step=epoch)
@@ -108,11 +136,21 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
         mlflow.log_params(flatten_params({"ranker": ranker_config.to_dict(),
                                           "train": train_config.to_dict()}))
         mlflow.log_params({f"rows_{k}": len(v) for k, v in splits.items()})
+        mlflow.log_params({"tasks": ",".join(f"{t.name}:{t.kind}" for t in tasks),
+                           "ground_truth": job.ground_truth or "none",
+                           "n_parameters": sum(p.numel() for p in model.parameters())})
         mlflow.log_dict(json_file(examples / "schema.json"), "examples_schema.json")
         fit(model, loss_fn, splits["train"], train_config, task_names, log_epoch)
         metrics = {split: evaluate(split) for split in ("valid", "test")}
+        if truth is not None:
+            for split, (rows, p_true, coverage) in truth.items():
+                add_oracle_metrics(metrics[split], splits[split], predictions[split], rows,
+                                   p_true, tasks)
+                mlflow.log_metric(f"{split}_oracle_coverage", coverage)
         for split, values in metrics.items():
             mlflow.log_metrics(flatten_metrics(split, values))
+        diagnostics = log_diagnostics(model, loss_fn, splits, predictions["test"], metrics,
+                                      tasks)
         vocab = Vocabulary.load(examples / "vocab.json")
         ranker = LoadedRanker(model, ranker_config, schema, vocab)
         model_uri = log_ranker(ranker, pl.read_parquet(examples / "test.parquet", n_rows=5))
@@ -122,6 +160,171 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
         "model_uri": model_uri,
         "arch": ranker_config.arch,
         "metrics": metrics,
+        "diagnostics": diagnostics,
+    }
+
+
+def resolve_tasks(requested: tuple[dict, ...], built: tuple[TaskSpec, ...]) -> tuple[TaskSpec, ...]:
+    """``requested`` as TaskSpecs (the examples' own tasks when empty); ValueError for a bad
+    kind or a duplicate name."""
+    if not requested:
+        return built
+    tasks = tuple(TaskSpec(**spec) for spec in requested)
+    for task in tasks:
+        if task.kind not in ("binary", "regression"):
+            raise ValueError(f"task {task.name!r}: kind must be 'binary' or 'regression', "
+                             f"got {task.kind!r}")
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate task names in {names}")
+    return tasks
+
+
+def with_task_targets(frame, tasks: tuple[TaskSpec, ...], built: tuple[TaskSpec, ...]):
+    """The example frame with a ``label_<task>`` target for every task the examples were not
+    built with, derived from its contract label column by the feature code's ``task_targets``
+    (so binary/regression targets mean the same everywhere). ValueError for a missing label."""
+    from features.build import task_targets
+
+    new = tuple(task for task in tasks if task not in built)
+    missing = sorted({task.label for task in new} - set(frame.columns))
+    if missing:
+        raise ValueError(f"task label column(s) {missing} are not in the examples; "
+                         f"contract labels present: {sorted(set(frame.columns))}")
+    return frame.with_columns(task_targets(new)) if new else frame
+
+
+def load_ground_truth(path: Path, frame) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    """The simulator's true probabilities for the examples of one split.
+
+    ``path``: a simulator output folder or its ``ground_truth.parquet``. Returns (rows of the
+    split that the ground truth covers (M,), ``{"p_<label>": (M,) float}``, coverage M / N).
+    Raises ValueError when the file is missing, covers none of the examples, or (where the
+    simulator's ``events.parquet`` sits beside it) disagrees with the examples on the user or
+    item of an event: event ids repeat across simulations with the same seed, so a matching id
+    alone proves nothing.
+    """
+    import polars as pl
+
+    folder = path if path.is_dir() else path.parent
+    truth_file = path / "ground_truth.parquet" if path.is_dir() else path
+    if not truth_file.exists():
+        raise ValueError(f"no ground truth at {truth_file}")
+    ids = frame.select(pl.col("event_id"), pl.col("user_id"), pl.col("item_id"),
+                       pl.int_range(pl.len()).alias("_row"))
+    joined = ids.join(pl.read_parquet(truth_file), on="event_id", how="inner")
+    if joined.height == 0:
+        raise ValueError(f"{truth_file} covers none of the {frame.height} examples; "
+                         "is it the simulation these examples were built from?")
+    events_file = folder / "events.parquet"
+    if events_file.exists():
+        events = pl.read_parquet(events_file, columns=["event_id", "user_id", "item_id"])
+        check = joined.select("event_id", "user_id", "item_id").join(
+            events, on="event_id", how="left", suffix="_sim")
+        bad = check.filter((pl.col("user_id") != pl.col("user_id_sim"))
+                           | (pl.col("item_id") != pl.col("item_id_sim"))
+                           | pl.col("user_id_sim").is_null())
+        if bad.height:
+            raise ValueError(f"{truth_file}: {bad.height} of {joined.height} matched events "
+                             f"have another user or item in {events_file}; these examples "
+                             "come from a different simulation")
+    joined = joined.sort("_row")
+    p_true = {name: joined.get_column(name).to_numpy().astype(np.float64)
+              for name in joined.columns if name.startswith("p_")}
+    return joined.get_column("_row").to_numpy(), p_true, joined.height / frame.height
+
+
+def add_oracle_metrics(values: dict, data, predictions: np.ndarray, rows: np.ndarray,
+                       p_true: dict[str, np.ndarray], tasks: tuple[TaskSpec, ...]) -> None:
+    """Add, per binary task with a true probability ``p_<label>``: ``oracle_auc`` /
+    ``oracle_gauc`` / ``oracle_logloss`` (of the true probabilities) and ``auc_oracle_ratio``
+    / ``gauc_oracle_ratio`` = (model − 0.5) / (oracle − 0.5), all over the covered rows whose
+    label is observed (the model's AUC there equals its AUC when coverage is 1)."""
+    from evaluation.metrics import auc, gauc, logloss
+
+    for k, task in enumerate(tasks):
+        column = f"p_{task.label}"
+        if task.kind != "binary" or column not in p_true:
+            continue
+        y = data.labels[rows, k]
+        keep = ~np.isnan(y) & ~np.isnan(p_true[column])
+        y, truth, users = y[keep], p_true[column][keep], data.user_ids[rows][keep]
+        model = predictions[rows, k][keep]
+        oracle = {"oracle_auc": auc(y, truth), "oracle_gauc": gauc(y, truth, users),
+                  "oracle_logloss": logloss(y, truth) if len(y) else float("nan")}
+        oracle["auc_oracle_ratio"] = (auc(y, model) - 0.5) / (oracle["oracle_auc"] - 0.5)
+        oracle["gauc_oracle_ratio"] = (gauc(y, model, users) - 0.5) / (
+            oracle["oracle_gauc"] - 0.5)
+        values[task.name].update(oracle)
+
+
+def log_diagnostics(model, loss_fn, splits: dict, test_predictions: np.ndarray,
+                    metrics: dict, tasks: tuple[TaskSpec, ...]) -> dict:
+    """Measure ``models.diagnostics`` on the trained model and log metrics (``diag/…``),
+    plots (``plots/*.png``) and ``diagnostics.json`` into the active run; returns a summary."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from evaluation import plots
+    from models import diagnostics
+
+    names = [task.name for task in tasks]
+    test = splits["test"]
+    activity = diagnostics.expert_activity(model, test)
+    gates = diagnostics.gate_usage(model, test, names)
+    gradients = diagnostics.task_gradients(model, loss_fn, splits["train"], names)
+    logged: dict[str, float] = {}
+    for name, zero, dead in zip(activity.names, activity.zero_fraction,
+                                activity.dead_unit_fraction, strict=True):
+        logged[f"diag/expert_zero_fraction/{name}"] = float(zero)
+        logged[f"diag/expert_dead_units/{name}"] = float(dead)
+    if gates is not None:
+        for task, row in zip(gates.tasks, gates.weights, strict=True):
+            for expert, weight in zip(gates.experts, row, strict=True):
+                if weight > 0:
+                    logged[f"diag/gate/{task}/{expert}"] = float(weight)
+    for k, task in enumerate(gradients.tasks):
+        for j, group in enumerate(gradients.groups):
+            logged[f"diag/grad_norm/{task}/{group}"] = float(gradients.norms[k, j])
+        for j in range(k + 1, len(gradients.tasks)):
+            logged[f"diag/grad_cosine/{task}/{gradients.tasks[j]}"] = float(
+                gradients.cosine[k, j])
+    worst = float(activity.zero_fraction.max()) if len(activity.names) else 0.0
+    logged["diag/max_expert_zero_fraction"] = worst
+    mlflow.log_metrics(logged)
+
+    binary = [k for k, task in enumerate(tasks) if task.kind == "binary"]
+    curves, ece = {}, {}
+    for k in binary:
+        observed = ~np.isnan(test.labels[:, k])
+        curves[names[k]] = (test.labels[observed, k], test_predictions[observed, k])
+        ece[names[k]] = metrics["test"][names[k]]["ece"]
+    figures = {
+        "plots/reliability_test.png": plots.reliability_figure(curves, ece),
+        "plots/expert_activity.png": plots.expert_activity_figure(
+            activity.names, activity.zero_fraction, activity.mean, activity.std),
+        "plots/task_gradients.png": plots.gradient_figure(
+            gradients.tasks, gradients.groups, gradients.norms, gradients.cosine),
+    }
+    if gates is not None:
+        figures["plots/gate_weights.png"] = plots.gate_heatmap(gates.weights, gates.tasks,
+                                                               gates.experts)
+    test_metrics = metrics["test"]
+    oracle = {t: v["oracle_auc"] for t, v in test_metrics.items() if "oracle_auc" in v}
+    if oracle:
+        figures["plots/auc_vs_oracle_test.png"] = plots.oracle_figure(
+            {t: test_metrics[t]["auc"] for t in oracle}, oracle)
+    for artifact, figure in figures.items():
+        mlflow.log_figure(figure, artifact)
+        plt.close(figure)
+    mlflow.log_dict({"experts": activity.to_dict(),
+                     "gates": gates.to_dict() if gates is not None else None,
+                     "gradients": gradients.to_dict()}, "diagnostics.json")
+    return {
+        "max_expert_zero_fraction": worst,
+        "collapsed_experts": [name for name, z in zip(activity.names, activity.zero_fraction,
+                                                      strict=True) if z > 0.9],
+        "plots": sorted(figures),
     }
 
 

@@ -1,4 +1,8 @@
-"""Shared building blocks, written once: MLP, expert, gate, tower, target attention."""
+"""Shared building blocks, written once: MLP, expert, feature-gate, gates, tower, attention.
+
+Every ranker family in ``models.rankers`` is assembled from these; none of them re-implements
+an expert, a gate or a tower.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,55 @@ class MLP(nn.Sequential):
         self.out_dim = in_dim
 
 
+class FeatureGate(nn.Module):
+    """HoME's low-rank feature-gate: ``x * 2 * sigmoid(x B A)``. (B, F) → (B, F).
+
+    ``B`` (F, r) starts like a Linear layer, ``A`` (r, F) starts tiny (std ``init_std``), so at
+    init ``x B A ≈ 0`` and the gate is the identity within about ``init_std * |x B|``; both
+    factors still receive gradient from the first step (an exactly-zero ``A`` would leave ``B``
+    without gradient until ``A`` moved). Each expert owns one, so experts see different views
+    of the same input.
+    """
+
+    def __init__(self, dim: int, rank: int, init_std: float = 1e-3) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(dim, rank) / dim**0.5)  # B: (F, r)
+        self.up = nn.Parameter(torch.randn(rank, dim) * init_std)  # A: (r, F)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0 * torch.sigmoid(x @ self.down @ self.up)  # (B, F)
+
+
+class Expert(nn.Sequential):
+    """One expert. (B, in_dim) → (B, H) with H = ``hidden[-1]``.
+
+    Plain: an MLP with ReLU (the MMoE / PLE expert). ``normalized`` (HoME's expert
+    normalisation): Swish hidden layers, and the last Linear is followed by BatchNorm and Swish,
+    so every expert's output has the same scale and no ReLU can die. ``feature_gate_rank`` > 0
+    puts a private :class:`FeatureGate` in front.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        dropout: float = 0.0,
+        normalized: bool = False,
+        feature_gate_rank: int = 0,
+    ) -> None:
+        layers: list[nn.Module] = []
+        if feature_gate_rank > 0:
+            layers.append(FeatureGate(in_dim, feature_gate_rank))
+        if normalized:
+            body = MLP(in_dim, hidden[:-1], dropout, activation=nn.SiLU)
+            layers += [*body, nn.Linear(body.out_dim, hidden[-1]), nn.BatchNorm1d(hidden[-1]),
+                       nn.SiLU()]
+        else:
+            layers += [*MLP(in_dim, hidden, dropout)]
+        super().__init__(*layers)
+        self.out_dim = hidden[-1]
+
+
 class Gate(nn.Module):
     """Softmax mixture weights over ``n_experts``. (B, in_dim) → (B, E)."""
 
@@ -37,6 +90,19 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=-1)
+
+
+class SelfGate(nn.Module):
+    """HoME's self-gate over a node's own experts: sigmoid for one expert, softmax for more.
+    (B, in_dim) → (B, E)."""
+
+    def __init__(self, in_dim: int, n_experts: int) -> None:
+        super().__init__()
+        self.logits = nn.Linear(in_dim, n_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(x)  # (B, E)
+        return torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, dim=-1)
 
 
 class Tower(nn.Module):
@@ -51,9 +117,68 @@ class Tower(nn.Module):
         return self.out(self.mlp(x)).squeeze(-1)
 
 
+def run_experts(experts: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Every expert on the same input. x (B, F) → (B, E, H).
+
+    Plain ReLU experts of one shape (MMoE, PLE, CGC) run as one stacked computation: the
+    first layers of all experts are one wide matmul, the later ones one batched matmul each;
+    the same function with far fewer, larger ops. Anything else (normalised or feature-gated
+    experts, dropout, or a forward hook, as the diagnostics install) runs expert by expert.
+    """
+    if _stackable(experts):
+        return _stacked_experts(experts, x)
+    return torch.stack([expert(x) for expert in experts], dim=1)
+
+
+def _stackable(experts: Sequence[nn.Module]) -> bool:
+    first = experts[0]
+    if len(experts) < 2 or not isinstance(first, Expert):
+        return False
+    shape = [type(layer) for layer in first]
+    if any(t not in (nn.Linear, nn.ReLU) for t in shape):
+        return False
+    return all(
+        isinstance(e, Expert) and [type(layer) for layer in e] == shape
+        and not e._forward_hooks and not e._forward_pre_hooks
+        and all(a.weight.shape == b.weight.shape for a, b in zip(
+            (m for m in e if isinstance(m, nn.Linear)),
+            (m for m in first if isinstance(m, nn.Linear)), strict=True))
+        for e in experts
+    )
+
+
+def _stacked_experts(experts: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    linears = [[m for m in e if isinstance(m, nn.Linear)] for e in experts]  # E × L
+    n_experts, batch = len(experts), x.shape[0]
+    first = [layers[0] for layers in linears]
+    weight = torch.cat([m.weight for m in first])  # (E * H1, F)
+    bias = torch.cat([m.bias for m in first])  # (E * H1,)
+    h = torch.relu(torch.addmm(bias, x, weight.T))  # (B, E * H1)
+    h = h.view(batch, n_experts, -1).transpose(0, 1)  # (E, B, H1)
+    for depth in range(1, len(linears[0])):
+        layer = [layers[depth] for layers in linears]
+        weight = torch.stack([m.weight for m in layer])  # (E, H_out, H_in)
+        bias = torch.stack([m.bias for m in layer]).unsqueeze(1)  # (E, 1, H_out)
+        h = torch.relu(torch.baddbmm(bias, h, weight.transpose(1, 2)))  # (E, B, H_out)
+    return h.transpose(0, 1)  # (B, E, H)
+
+
 def mix_experts(expert_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Gate-weighted sum. expert_outputs (B, E, H), weights (B, E) → (B, H)."""
-    return torch.einsum("beh,be->bh", expert_outputs, weights)
+    """Gate-weighted sum. expert_outputs (B, E, H), weights (B, E) → (B, H), or several
+    gates at once: weights (B, K, E) → (B, K, H)."""
+    if weights.dim() == 3:
+        return torch.bmm(weights, expert_outputs)  # (B, K, H)
+    return torch.bmm(weights.unsqueeze(1), expert_outputs).squeeze(1)  # (B, H)
+
+
+def scatter_gate_weights(
+    weights: torch.Tensor, columns: Sequence[int], n_columns: int
+) -> torch.Tensor:
+    """Place a gate's weights over the experts it sees into a row over all experts (zeros for
+    the experts it cannot see). weights (B, E_seen) → (B, n_columns)."""
+    full = weights.new_zeros(weights.shape[0], n_columns)  # (B, E_all)
+    full[:, list(columns)] = weights
+    return full
 
 
 class TargetAttention(nn.Module):
@@ -61,15 +186,24 @@ class TargetAttention(nn.Module):
 
     query (B, D), keys (B, T, D), mask (B, T) bool (True = real item) → (B, D).
     An empty history pools to zeros.
+
+    The scorer is ``MLP([q, k, q * k, q - k])``; its first Linear is applied by parts,
+    ``q (W_q + W_d) + k (W_k - W_d) + (q * k) W_p``, the same function without building the
+    (B, T, 4D) concatenation, and with the query part computed once per row, not per item.
     """
 
     def __init__(self, dim: int, hidden: int = 32) -> None:
         super().__init__()
         self.score = nn.Sequential(nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.dim = dim
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = query.unsqueeze(1).expand_as(keys)  # (B, T, D)
-        scores = self.score(torch.cat([q, keys, q * keys, q - keys], dim=-1)).squeeze(-1)
-        scores = scores.masked_fill(~mask, float("-inf"))  # (B, T)
+        first, _, last = self.score
+        w_q, w_k, w_p, w_d = first.weight.split(self.dim, dim=1)  # 4 × (H, D)
+        per_row = torch.addmm(first.bias, query, (w_q + w_d).T)  # (B, H)
+        per_item = torch.cat([keys, query.unsqueeze(1) * keys], dim=-1) @ torch.cat(
+            [w_k - w_d, w_p], dim=1).T  # (B, T, H)
+        hidden = torch.relu(per_item + per_row.unsqueeze(1))  # (B, T, H)
+        scores = last(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows → 0
-        return torch.einsum("bt,btd->bd", weights, keys)
+        return torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (B, D)

@@ -165,3 +165,66 @@ def alias_version(name: str, alias: str) -> int | None:
 def load_ranker(model_uri: str) -> LoadedRanker:
     """Rebuild a logged ranker from ``models:/name@alias`` (or any model URI)."""
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().ranker
+
+
+PREVIOUS_CHAMPION = "previous-champion"
+"""Alias of the champion that the last promotion replaced (one step of rollback)."""
+
+
+def resolve_version(name: str, ref: str | int) -> int | None:
+    """A version number from an alias (``champion``) or a version (``3``, ``v3``)."""
+    text = str(ref).strip()
+    digits = text[1:] if text[:1] in "vV" else text
+    if digits.isdigit():
+        try:
+            MlflowClient().get_model_version(name, digits)
+        except MlflowException:
+            return None
+        return int(digits)
+    return alias_version(name, text)
+
+
+def promote(name: str, version: int, evaluation_run_id: str | None = None,
+            reason: str = "") -> dict:
+    """Make ``version`` the ``champion`` of ``name``. The replaced champion keeps its
+    version (nothing is deleted), gets the alias ``previous-champion`` and the version tags
+    ``retired_by_version`` / ``retired_by_run``; the new one gets ``promoted_by_run``,
+    ``promoted_over`` and ``promotion_reason``. Returns the aliases' new versions."""
+    client = MlflowClient()
+    old = alias_version(name, CHAMPION)
+    if old == version:
+        return {"name": name, "champion": version, "previous_champion":
+                alias_version(name, PREVIOUS_CHAMPION), "moved": False}
+    run = evaluation_run_id or ""
+    if old is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(old))
+        client.set_model_version_tag(name, str(old), "retired_by_version", str(version))
+        client.set_model_version_tag(name, str(old), "retired_by_run", run)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), "promoted_by_run", run)
+    client.set_model_version_tag(name, str(version), "promoted_over",
+                                 "" if old is None else str(old))
+    if reason:
+        client.set_model_version_tag(name, str(version), "promotion_reason", reason[:5000])
+    return {"name": name, "champion": version, "previous_champion": old, "moved": True}
+
+
+def rollback(name: str) -> dict:
+    """Undo the last promotion: ``champion`` goes back to ``previous-champion``."""
+    previous = alias_version(name, PREVIOUS_CHAMPION)
+    if previous is None:
+        raise ValueError(f"{name} has no {PREVIOUS_CHAMPION} to roll back to")
+    current = alias_version(name, CHAMPION)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, CHAMPION, str(previous))
+    client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    if current is not None:
+        client.set_model_version_tag(name, str(current), "rolled_back", "true")
+    return {"name": name, "champion": previous, "rolled_back_from": current}
+
+
+def record_evaluation(name: str, version: int, run_id: str, status: str) -> None:
+    """Tag a challenger version with the outcome of its offline A/B."""
+    client = MlflowClient()
+    client.set_model_version_tag(name, str(version), "ab_run_id", run_id)
+    client.set_model_version_tag(name, str(version), "ab_decision", status)

@@ -34,7 +34,11 @@ class TrainConfig:
     seed: int = 0
     """Seeds parameter init and shuffling."""
     task_weights: Mapping[str, float] = field(default_factory=dict)
-    """Fixed loss weight per task name (default 1.0)."""
+    """Fixed loss weight per task name (default 1.0); with uncertainty weighting, a constant
+    factor on top of the learned weight."""
+    loss_weighting: str = "fixed"
+    """How task losses are combined: "fixed" (``task_weights``) or "uncertainty" (Kendall et
+    al. 2018: learned per-task log-variances, see ``models.losses``)."""
     progress: bool = True
     """Show a progress bar per epoch."""
 
@@ -53,13 +57,16 @@ def fit(
     task_names: list[str],
     on_epoch_end: EpochCallback | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place; returns per-epoch mean losses ``{"loss", "loss_<task>"}``.
+    """Train ``model`` in place; returns per-epoch mean losses ``{"loss", "loss_<task>"}`` and
+    the effective task weights at the epoch's end ``{"weight_<task>"}``. The loss's own
+    parameters (uncertainty weighting) are optimised with the model's.
 
     Raises TrainingDivergedError at the first non-finite loss.
     """
     torch.manual_seed(config.seed)
-    optimiser = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    optimiser = torch.optim.Adam(  # fused: one kernel for all parameters (CPU too)
+        [*model.parameters(), *loss_fn.parameters()],
+        lr=config.learning_rate, weight_decay=config.weight_decay, fused=True,
     )
     history = []
     for epoch in range(config.epochs):
@@ -88,6 +95,7 @@ def fit(
         record.update(
             {f"loss_{name}": float(v) for name, v in zip(task_names, means[1:], strict=True)}
         )
+        record.update({f"weight_{name}": w for name, w in loss_fn.task_weights().items()})
         history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)

@@ -1,4 +1,11 @@
-"""Multi-task rankers, one file per family; ``build_ranker`` assembles one by name."""
+"""Multi-task rankers, one file per family; ``build_ranker`` assembles one by name.
+
+Every architecture maps a ``RankerBatch`` to raw outputs (B, K) and has ``towers`` (one
+``blocks.Tower`` per task, in schema order), ``binary_tasks`` (K bools), ``last_gate_weights``
+((B, K, E) task-gate weights of the latest forward, None without gates) and
+``gate_expert_names`` (its E column names). Experts are ``blocks.Expert`` modules, which is how
+``models.diagnostics`` finds them.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,18 @@ from torch import nn
 
 from features.schema import ExampleSchema
 from models.rankers.config import RankerConfig
+from models.rankers.home import HoME
 from models.rankers.mmoe import MMoE
+from models.rankers.ple import CGC, PLE
+from models.rankers.shared_bottom import SharedBottom
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"mmoe": MMoE}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "shared_bottom": SharedBottom,
+    "mmoe": MMoE,
+    "cgc": CGC,
+    "ple": PLE,
+    "home": HoME,
+}
 
 
 def build_ranker(

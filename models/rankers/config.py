@@ -6,6 +6,12 @@ from dataclasses import asdict, dataclass, field
 
 from models.inputs import InputConfig
 
+DEFAULT_TASK_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("watch", ("watch_time", "long_view")),
+    ("interaction", ("click", "like", "follow")),
+)
+"""HoME's default task categories: passive watch-time tasks vs active interaction tasks."""
+
 
 @dataclass(frozen=True)
 class RankerConfig:
@@ -16,21 +22,46 @@ class RankerConfig:
     inputs: InputConfig = field(default_factory=InputConfig)
     """Embedding sizes of the shared input encoder."""
     n_experts: int = 4
-    """E: shared experts (MMoE)."""
+    """E: shared experts (MMoE); shared experts per level (CGC, PLE); global experts per
+    level (HoME)."""
     expert_hidden: tuple[int, ...] = (64, 32)
-    """Hidden widths of every expert MLP; the last is the expert output width H."""
+    """Hidden widths of every expert MLP (and of the shared bottom); the last is the expert
+    output width H."""
     tower_hidden: tuple[int, ...] = (16,)
     """Hidden widths of every task tower."""
     dropout: float = 0.0
     """Dropout after every hidden layer."""
+    n_task_experts: int = 1
+    """Task-specific experts per task and level (CGC, PLE, HoME)."""
+    n_levels: int = 2
+    """Extraction levels of PLE (CGC is PLE with one level; HoME always has two: category
+    level, then task level)."""
+    n_category_experts: int = 2
+    """HoME: experts per task category and level."""
+    task_categories: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_TASK_CATEGORIES
+    """HoME: (category, task names) pairs. Names absent from the schema are ignored; a task
+    listed in no category gets a category of its own."""
+    expert_norm: bool = True
+    """HoME: expert normalisation (Swish hidden layers, BatchNorm + Swish on the output)."""
+    feature_gate_rank: int = 8
+    """HoME: rank r of every expert's private feature-gate (0 switches feature-gates off)."""
+    self_gate: bool = True
+    """HoME: add each node's self-gated own experts to its masked mixture (residual path)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> RankerConfig:
+        """Rebuild from ``to_dict`` output (or its JSON); fields missing from older configs
+        take their defaults."""
         fields = dict(data)
-        fields["inputs"] = InputConfig(**fields["inputs"])
-        fields["expert_hidden"] = tuple(fields["expert_hidden"])
-        fields["tower_hidden"] = tuple(fields["tower_hidden"])
+        fields["inputs"] = InputConfig(**fields.get("inputs", {}))
+        for name in ("expert_hidden", "tower_hidden"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        if "task_categories" in fields:
+            fields["task_categories"] = tuple(
+                (str(category), tuple(tasks)) for category, tasks in fields["task_categories"]
+            )
         return cls(**fields)

@@ -14,7 +14,7 @@ from torch import nn
 
 from features.schema import ExampleSchema
 from models.batch import RankerBatch
-from models.blocks import MLP, Gate, Tower, mix_experts
+from models.blocks import Expert, Gate, Tower, mix_experts, run_experts
 from models.inputs import InputEncoder
 from models.rankers.config import RankerConfig
 
@@ -23,7 +23,8 @@ class MMoE(nn.Module):
     """Named parts: ``encoder``, ``experts``, ``gates``, ``towers``.
 
     ``forward`` returns raw outputs (B, K): logits for binary tasks, values for regression.
-    ``last_gate_weights`` keeps the (B, K, E) gate weights of the latest call for diagnostics.
+    ``last_gate_weights`` keeps the (B, K, E) gate weights of the latest call for diagnostics;
+    ``gate_expert_names`` names its E columns (module paths of the experts).
     """
 
     def __init__(
@@ -32,7 +33,7 @@ class MMoE(nn.Module):
         super().__init__()
         self.encoder = InputEncoder(schema, config.inputs, user_encoder)
         self.experts = nn.ModuleList(
-            MLP(self.encoder.out_dim, config.expert_hidden, config.dropout)
+            Expert(self.encoder.out_dim, config.expert_hidden, config.dropout)
             for _ in range(config.n_experts)
         )
         expert_dim = self.experts[0].out_dim
@@ -43,15 +44,14 @@ class MMoE(nn.Module):
             Tower(expert_dim, config.tower_hidden, config.dropout) for _ in schema.tasks
         )
         self.binary_tasks = [task.kind == "binary" for task in schema.tasks]
+        self.gate_expert_names = [f"experts.{e}" for e in range(config.n_experts)]
         self.last_gate_weights: torch.Tensor | None = None
 
     def forward(self, batch: RankerBatch) -> torch.Tensor:
         x = self.encoder(batch)  # (B, F)
-        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, E, H)
+        experts = run_experts(self.experts, x)  # (B, E, H)
         weights = torch.stack([gate(x) for gate in self.gates], dim=1)  # (B, K, E)
         self.last_gate_weights = weights.detach()
-        outputs = [
-            tower(mix_experts(experts, weights[:, k]))
-            for k, tower in enumerate(self.towers)
-        ]
+        mixed = mix_experts(experts, weights)  # (B, K, H)
+        outputs = [tower(mixed[:, k]) for k, tower in enumerate(self.towers)]
         return torch.stack(outputs, dim=1)  # (B, K)

@@ -12,6 +12,8 @@ from models.losses import MultiTaskLoss, task_predictions
 from models.rankers import RankerConfig, build_ranker
 from models.training import TrainConfig, TrainingDivergedError, fit
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture
 def arrays(tiny_examples):

@@ -1,0 +1,226 @@
+"""Allocation policies: reward and constraint bookkeeping on hand-made episodes, group heads'
+gradient isolation, the bucketed critic's round trip, the log contract, save/load, and a
+policy trained on a tiny log beating the logging policy in a tiny simulator run."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from models.allocators.data import (
+    REQUIRED_COLUMNS,
+    STATE_FIELDS,
+    AllocationFeaturizer,
+    AllocationLogError,
+    IdVocabulary,
+    RewardConfig,
+    build_dataset,
+    discounted_returns,
+    episode_links,
+    live_share,
+    read_allocation_log,
+    request_rewards,
+    validate_allocation_frame,
+)
+from models.allocators.policy import config_for, load_policy, train_policy
+from models.allocators.sl_mgac import GroupHeads, LagrangeMultiplier, NStepTargets, ValueBuckets
+from simulation import AllocationState, SimulatorConfig, simulate
+from simulation.allocation import STATE_COLUMNS
+
+
+def episode_rows(rows: list[dict]) -> pl.DataFrame:
+    """A log of hand-made steps: every required column, defaults for what a row omits."""
+    default = {name: 0 for name in REQUIRED_COLUMNS}
+    default.update(session_id="s0", propensity=0.5, p_insert=0.5, activity_group=1, hour=12)
+    return pl.DataFrame([{**default, **row} for row in rows])
+
+
+@pytest.fixture
+def two_sessions() -> pl.DataFrame:
+    """Session a: a live inserted at step 1 (100 s watched, the videos next to it 20 s), then
+    the user left (before the cap of 3 requests) and came back the next day.
+    Session b: 3 steps, ended at the cap (not an early exit), did not come back.
+    Rows are shuffled: the reader must order them by (session_id, request_index)."""
+    return episode_rows([
+        dict(session_id="b", request_index=1, video_watch_time_s=5.0),
+        dict(session_id="a", request_index=1, action=1, live_watch_time_s=100.0,
+             video_watch_time_s=20.0, live_click=1, session_end=1, next_day_return=1),
+        dict(session_id="a", request_index=0, video_watch_time_s=30.0, next_day_return=1),
+        dict(session_id="b", request_index=0, video_watch_time_s=7.0),
+        dict(session_id="b", request_index=2, video_watch_time_s=4.0, session_end=1),
+    ])
+
+
+def test_reward_credits_net_watch_charges_early_exits_and_pays_retention(two_sessions):
+    log = validate_allocation_frame(two_sessions)
+    assert log["session_id"].to_list() == ["a", "a", "b", "b", "b"]
+    assert log["request_index"].to_list() == [0, 1, 0, 1, 2]
+    next_index, done = episode_links(log)
+    assert next_index.tolist() == [1, -1, 3, 4, -1]
+    assert done.tolist() == [False, True, False, False, True]
+    config = RewardConfig(exit_penalty_s=50.0, retention_bonus_s=200.0,
+                          max_requests_per_session=3)
+    rewards = request_rewards(log, config)
+    # a: 30 | 100 live + 20 video (the live counted with the video watch it left)
+    #        - 50 (left before the cap) + 200 (came back);   b: 7 | 5 | 4 (ended at the cap)
+    np.testing.assert_allclose(rewards, [30.0, 120.0 - 50.0 + 200.0, 7.0, 5.0, 4.0])
+    returns = discounted_returns(rewards, next_index, gamma=0.5)
+    np.testing.assert_allclose(returns, [30 + 0.5 * 270, 270, 7 + 0.5 * (5 + 0.5 * 4),
+                                         5 + 0.5 * 4, 4])
+
+
+def test_n_step_targets_sum_logged_rewards_then_bootstrap_inside_the_episode(two_sessions):
+    log = validate_allocation_frame(two_sessions)
+    config = RewardConfig(exit_penalty_s=50.0, retention_bonus_s=200.0,
+                          max_requests_per_session=3)
+    data = build_dataset(log, AllocationFeaturizer.fit(log), config)  # rewards 30 270 | 7 5 4
+    two = NStepTargets.build(data, n=2, gamma=0.5)
+    np.testing.assert_allclose(two.later_rewards, [0.5 * 270, 0, 0.5 * 5, 0.5 * 4, 0])
+    np.testing.assert_allclose(two.bootstrap_discount, [0, 0, 0.25, 0, 0])
+    assert two.bootstrap_row[2] == 4  # b0 bootstraps from b2; the others have no t+2
+    one = NStepTargets.build(data, n=1, gamma=0.5)  # plain one-step TD
+    np.testing.assert_allclose(one.later_rewards, 0.0)
+    np.testing.assert_allclose(one.bootstrap_discount, [0.5, 0, 0.5, 0.5, 0])
+    assert one.bootstrap_row.tolist()[:4] == [1, 1, 3, 4]
+    full = NStepTargets.build(data, n=30, gamma=0.5)  # Monte-Carlo: never bootstraps
+    np.testing.assert_allclose(data.reward + full.later_rewards,
+                               discounted_returns(data.reward, data.next_index, 0.5))
+    np.testing.assert_allclose(full.bootstrap_discount, 0.0)
+
+
+def test_greedy_reward_would_differ_only_by_the_anti_greedy_terms(two_sessions):
+    log = validate_allocation_frame(two_sessions)
+    plain = request_rewards(log, RewardConfig(exit_penalty_s=0.0, retention_bonus_s=0.0))
+    np.testing.assert_allclose(plain, (log["video_watch_time_s"]
+                                       + log["live_watch_time_s"]).to_numpy())
+
+
+def test_lagrange_multiplier_does_projected_dual_ascent_on_the_live_share():
+    assert live_share(np.array([1.0, 0.0, 0.5, 0.5])) == 0.5
+    mu = LagrangeMultiplier(cap=0.3, lr=10.0, max_value=4.0)
+    assert mu.update(0.5) == pytest.approx(2.0)  # share over the cap: the price of a live rises
+    assert mu.update(0.5) == pytest.approx(4.0)
+    assert mu.update(0.9) == pytest.approx(4.0)  # clipped at max_value
+    assert mu.update(0.1) == pytest.approx(2.0)  # under the cap: it falls again
+    assert mu.update(0.0) == 0.0  # and never below zero
+    assert mu.update(0.3) == 0.0
+
+
+def test_group_heads_receive_only_their_groups_gradient():
+    torch.manual_seed(0)
+    heads = GroupHeads(in_dim=4, hidden=8, out_dim=3, n_groups=3)
+    h = torch.randn(6, 4)
+    group = torch.tensor([1, 1, 2, 1, 2, 2])
+    out = heads(h, group)  # (6, 3)
+    out[group == 1].sum().backward()  # a loss on group-1 rows only
+    for name, param in heads.named_parameters():
+        grad = param.grad
+        assert grad[1].abs().sum() > 0, name
+        assert torch.all(grad[0] == 0) and torch.all(grad[2] == 0), name
+    # and a row's output does not depend on another group's weights
+    with torch.no_grad():
+        heads.w1[0].add_(1.0)
+        heads.w2[2].add_(1.0)
+    assert torch.equal(heads(h, group)[group == 1], out[group == 1].detach())
+
+
+def test_bucketed_critic_target_mapping_round_trips():
+    buckets = ValueBuckets(-50.0, 250.0, 31)
+    y = torch.cat([torch.linspace(-50.0, 250.0, 97), torch.tensor([-50.0, 0.0, 123.4, 250.0])])
+    probs = buckets.encode(y)
+    assert probs.shape == (y.shape[0], 31)
+    assert torch.all(probs >= 0)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(y.shape[0]))
+    assert torch.all((probs > 0).sum(dim=1) <= 2)  # two-hot
+    torch.testing.assert_close(buckets.decode(probs), y, atol=1e-4, rtol=0)
+    atoms = buckets.atoms  # an atom maps to itself, one-hot
+    torch.testing.assert_close(buckets.encode(atoms), torch.eye(31))
+    clipped = buckets.decode(buckets.encode(torch.tensor([-1e4, 1e4])))
+    torch.testing.assert_close(clipped, torch.tensor([-50.0, 250.0]))
+
+
+def test_log_contract_names_what_is_wrong(tmp_path, two_sessions):
+    with pytest.raises(AllocationLogError, match="no allocation log"):
+        read_allocation_log(tmp_path)
+    two_sessions.drop("p_insert", "session_end").write_parquet(tmp_path / "allocations.parquet")
+    with pytest.raises(AllocationLogError, match=r"missing columns \['p_insert', 'session_end'\]"):
+        read_allocation_log(tmp_path)
+    bad = two_sessions.with_columns(action=pl.lit(2))
+    with pytest.raises(AllocationLogError, match="binary columns"):
+        validate_allocation_frame(bad)
+    dup = pl.concat([two_sessions, two_sessions.head(1)])
+    with pytest.raises(AllocationLogError, match="duplicated"):
+        validate_allocation_frame(dup)
+    ghost = two_sessions.with_columns(live_watch_time_s=pl.lit(3.0))
+    with pytest.raises(AllocationLogError, match="not inserted"):
+        validate_allocation_frame(ghost)
+    two_sessions.write_csv(tmp_path / "canonical.csv")  # a canonical CSV log reads the same
+    assert read_allocation_log(tmp_path / "canonical.csv").height == 5
+
+
+def test_state_fields_are_the_simulators_observable_state():
+    assert STATE_FIELDS == STATE_COLUMNS == tuple(f.name for f in fields(AllocationState))
+
+
+def test_featurizer_maps_unseen_and_other_world_ids_to_the_oov_row(two_sessions):
+    vocab = IdVocabulary.fit(np.array([5, 5, 9, 7, 7]), min_count=2)
+    assert vocab.lookup(np.array([5, 7, 9, 11])).tolist() == [1, 2, 0, 0]
+    log = validate_allocation_frame(two_sessions.with_columns(
+        user_id=pl.Series([3, 3, 3, 4, 4]), candidate_author_id=pl.lit(8)))
+    featurizer = AllocationFeaturizer.fit(log)
+    x = featurizer.transform(log)
+    assert x.dense.shape == (5, featurizer.n_dense) and x.dense.dtype == np.float32
+    assert (x.ids["user_id"] > 0).all() and (x.ids["hour"] == 13).all()
+    cold = featurizer.transform(log, id_features=False)
+    assert (cold.ids["user_id"] == 0).all() and (cold.ids["candidate_author_id"] == 0).all()
+    np.testing.assert_array_equal(cold.dense, x.dense)
+    again = AllocationFeaturizer.from_dict(featurizer.to_dict()).transform(log)
+    np.testing.assert_array_equal(again.dense, x.dense)
+
+
+TINY = replace(SimulatorConfig(), n_users=400, days=4, n_videos=1500, n_lives=80,
+               n_authors=200, candidate_size=100)
+
+
+@pytest.fixture(scope="module")
+def tiny_log() -> pl.DataFrame:
+    return validate_allocation_frame(simulate(replace(TINY, seed=0)).allocations)
+
+
+def test_sl_mgac_trained_on_a_tiny_log_beats_the_logging_policy(tiny_log):
+    config = config_for("sl_mgac", seed=0, progress=False,
+                        overrides={"n_steps": 500, "batch_size": 256})
+    diagnostics: list[dict] = []
+    policy = train_policy("sl_mgac", tiny_log, config, lambda step, d: diagnostics.append(d))
+    assert {"value_loss", "entropy", "advantage_mean", "advantage_std",
+            "lagrange_multiplier", "policy_share"} <= set(diagnostics[-1])
+    held_out = replace(TINY, seed=1000)  # other users and other draws than the log's
+    logging = simulate(held_out).summary()
+    trained = simulate(held_out, policy.with_id_features(False)).summary()
+    assert trained["live_share"] <= held_out.live_share_cap
+    assert trained["session_watch_time"] > logging["session_watch_time"] + 20.0
+
+
+@pytest.mark.parametrize("algo", ["sl_mgac", "greedy", "dqn"])
+def test_a_saved_policy_scores_like_the_trained_one(tiny_log, tmp_path, algo):
+    config = config_for(algo, seed=1, progress=False, overrides={"n_steps": 60})
+    policy = train_policy(algo, tiny_log, config)
+    p = policy(tiny_log)
+    assert p.shape == (tiny_log.height,) and np.all((p >= 0) & (p <= 1))
+    policy.save(tmp_path / algo)
+    again = load_policy(tmp_path / algo)
+    assert again.algo == algo
+    np.testing.assert_allclose(again(tiny_log), p, atol=1e-6)
+    state = AllocationState(**{f: tiny_log[f].to_numpy()[:7] for f in STATE_FIELDS})
+    np.testing.assert_allclose(again(state), p[:7], atol=1e-6)
+
+
+def test_unknown_algorithms_and_hyperparameters_are_refused():
+    with pytest.raises(ValueError, match="unknown allocation algorithm"):
+        config_for("ppo")
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        config_for("sl_mgac", overrides={"gamma_typo": 0.9})
