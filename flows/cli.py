@@ -17,7 +17,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from flows.allocation_steps import add_train_allocator_arguments, cmd_train_allocator
+from flows.pretrain_steps import add_pretrain_arguments, cmd_pretrain
 from flows.workspace import Workspace
+from serving.cli import add_score_arguments, add_serve_arguments, cmd_score, cmd_serve
 
 USER_ERROR_EXIT = 2
 
@@ -127,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     ab.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ab.add_argument("--dry-run", action="store_true", help="decide and log, never promote")
+
+    pretrain = command("pretrain", cmd_pretrain,
+                       "pretrain the self-supervised user encoder on behaviour histories")
+    add_pretrain_arguments(pretrain)
+    allocator = command("train-allocator", cmd_train_allocator,
+                        "train the live-stream allocation policy offline from logged decisions")
+    add_train_allocator_arguments(allocator)
+    serve = command("serve", cmd_serve,
+                    "serve the champion ranker over HTTP: POST /rank, GET /health, GET /models")
+    add_serve_arguments(serve)
+    score = command("score", cmd_score,
+                    "score a Parquet/CSV file of raw rows with a registered ranker")
+    add_score_arguments(score)
 
     ui = command("ui", cmd_ui, "print (or --open) the MLflow and Prefect UIs of the workspace")
     ui.add_argument("--open", action="store_true", help="start both UI servers and wait")

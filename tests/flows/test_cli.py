@@ -62,3 +62,14 @@ def test_ui_prints_commands_for_this_workspace(home, capsys):
     summary = run_json(capsys, "ui")
     assert f"sqlite:///{home}/mlflow.db" in summary["mlflow_command"]
     assert f"PREFECT_HOME={home}/prefect" in summary["prefect_command"]
+
+
+@pytest.mark.parametrize("command", [
+    "simulate", "ingest", "features", "train-ranker", "nightly", "schedule", "ope", "ab",
+    "pretrain", "train-allocator", "serve", "score", "ui",
+])
+def test_every_command_has_help_and_json(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--json" in capsys.readouterr().out
