@@ -17,7 +17,8 @@ whole population (``population``: the quantity the cluster bootstrap intervals a
 Part 2, sessions: a one-day logging rollout (sessions = episodes); truth is the on-policy
 rollout (``simulation.rollout_value``) of each target on the same world and users: mean
 session watch time (videos + lives). Replicates draw sessions with replacement; PDIS,
-per-decision DR and linear FQE (LSTDQ) estimate each target's value.
+per-decision DR and linear FQE (LSTDQ, refitted in every bootstrap resample) estimate each
+target's value.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ from evaluation import allocation_ope as ao  # noqa: E402
 from evaluation.ope import (  # noqa: E402
     BANDIT_ESTIMATORS,
     OPEConfig,
-    cross_fitted_lstdq,
     estimate_bandit,
     estimate_sessions,
+    lstdq_model,
 )
 from simulation import (  # noqa: E402
     ALWAYS_INSERT,
@@ -187,9 +188,10 @@ def session_part(sizes: dict[int, int], n_users: int, n_boot: int, seed: int) ->
             sub = frame[index].with_columns(session_id=pl.Series(episode))
             data = ao.session_data(sub, reward[index])
             for target, dist in dists.items():
-                q_hat = cross_fitted_lstdq(features[index], data, dist[index], seed=rep)
-                result = estimate_sessions(data, dist[index], q_hat,
-                                           OPEConfig(n_boot=n_boot, seed=rep), warn=False)
+                model = lstdq_model(features[index], data, dist[index], seed=rep)
+                result = estimate_sessions(data, dist[index], model(None),
+                                           OPEConfig(n_boot=n_boot, seed=rep), warn=False,
+                                           refit=model)
                 for name, e in result.estimates.items():
                     records.append({"size": size, "target": target, "estimator": name,
                                     "rep": rep, "value": e.value, "truth": truths[target],
@@ -351,7 +353,7 @@ def main() -> None:
         sizes, users, s_sizes, s_users, n_boot = {1000: 4, 10000: 2}, 3000, {500: 2}, 3000, 200
     else:
         sizes = {1000: 100, 10000: 60, 100000: 40}
-        users, s_sizes, s_users, n_boot = 20000, {1000: 60, 5000: 30}, 30000, 500
+        users, s_sizes, s_users, n_boot = 20000, {1000: 60, 5000: 20}, 30000, 500
     print("single-step part", flush=True)
     bandit = bandit_part(sizes, users, n_boot, args.seed)
     print("session part", flush=True)

@@ -6,24 +6,27 @@ for every method, over several seeds:
 1. linear probes: logistic regression predicting the simulator's hidden user attributes
    (activity group, age bucket, gender) from frozen user vectors (each user's most recent
    training-split history); accuracy and macro-F1 on a fixed held-out 30% of the users;
-2. rankers: MMoE with the pretrained encoder in its ``user_encoder`` slot (fine-tuned; with
-   ``--frozen`` also frozen) vs the same ranker with a randomly initialised encoder trained
-   from scratch (method ``none``) and vs MMoE without a user encoder; per-task test AUC on
-   the simulator and on KuaiRand-1K (skipped with a note when the CSV is absent);
+2. rankers: MMoE with the pretrained encoder in its ``user_encoder`` slot (fine-tuned, and
+   frozen unless ``--no-frozen``) vs the same ranker with a randomly initialised encoder
+   trained from scratch (method ``none``) and vs MMoE without a user encoder; per-task AUC on
+   the test days of the simulator and of KuaiRand-1K (skipped with a note when absent);
 3. the same rankers with a random 10% of the labelled training rows (pretraining still
    sees every training history: it needs no labels).
 
-Everything is fixed before looking at results: the authors' augmentation rates, the default
-encoder, ranker and training configs; nothing is selected on the test split (there is no
-selection at all). Deterministic for a fixed ``--threads`` (default 1).
+Every hyperparameter is a code default (encoder, objectives, ranker, training). The only
+choice made by looking at numbers, the augmentation rates, was made on a separate
+development world (simulator seed 7, ``--world-seed 7``), never on this benchmark's world
+(seed 0) or on any test day; no run selects anything on a test split. Deterministic for a
+fixed ``--threads`` (default 1).
 
     .venv/bin/python benchmarks/user_models.py --quick           # minutes: a smoke run
     .venv/bin/python benchmarks/user_models.py                   # the README numbers
     .venv/bin/python benchmarks/user_models.py --write-readme    # …and update the table
 
-Writes ``benchmarks/results/user_models.json`` (every number, per seed) and prints the
-markdown tables; ``--write-readme`` replaces the section between the ``user-models``
-markers of ``benchmarks/README.md`` (appending it when absent), leaving other sections alone.
+Prints the markdown tables; ``--json PATH`` also keeps every number (per seed),
+``--from-results PATH`` re-renders a kept run, and ``--write-readme`` replaces the section
+between the ``user-models`` markers of ``benchmarks/README.md`` (appending it when absent),
+leaving the other sections alone.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -56,14 +60,19 @@ from models.losses import MultiTaskLoss, task_predictions  # noqa: E402
 from models.pretraining import PretrainConfig, UserSequences, embed, pretrain  # noqa: E402
 from models.rankers import RankerConfig, build_ranker, init_output_bias  # noqa: E402
 from models.training import TrainConfig, fit, predict_outputs  # noqa: E402
-from models.user_encoders import PretrainedUserEncoder, UserEncoderConfig  # noqa: E402
+from models.user_encoders import (  # noqa: E402
+    AdaptSSRConfig,
+    PretrainedUserEncoder,
+    UserEncoderConfig,
+)
 
 KUAIRAND_CSV = ROOT.parent / "shared" / "data" / "kuairand-1k" / "log_random_4_22_to_5_08_1k.csv"
 README = ROOT / "benchmarks" / "README.md"
-RESULTS = ROOT / "benchmarks" / "results" / "user_models.json"
-START, END = "<!-- user-models:start -->", "<!-- user-models:end -->"
+START, END = "<!-- user-models:begin -->", "<!-- user-models:end -->"
 ATTRIBUTES: tuple[str, ...] = ("activity_group", "age_bucket", "gender")
 METHODS: tuple[str, ...] = ("none", "mip", "cl4srec", "adaptssr")
+ABLATIONS: tuple[str, ...] = ("adaptssr_cold",)
+"""Probe-only variants: ``adaptssr_cold`` is AdaptSSR without the MIP warm start."""
 MIN_POSITIVES = 20
 """A task's test AUC is reported only with at least this many positives (else "—")."""
 
@@ -82,6 +91,8 @@ class BenchConfig:
     """Model seeds (pretraining, probe-free; ranker init, shuffling, 10% subsample)."""
     methods: tuple[str, ...] = METHODS
     """Pretraining methods compared ("none": a freshly initialised encoder)."""
+    ablations: tuple[str, ...] = ABLATIONS
+    """Extra pretraining variants for the probes only (not the rankers)."""
     steps: int = 1000
     """Pretraining optimiser steps per method (AdaptSSR's MIP warm start included)."""
     batch_size: int = 128
@@ -92,7 +103,7 @@ class BenchConfig:
     """Ranker epochs over its (full or 10%) training rows."""
     fractions: tuple[float, ...] = (1.0, 0.1)
     """Shares of the labelled training rows the rankers see."""
-    frozen: bool = False
+    frozen: bool = True
     """Also train rankers with the pretrained encoder frozen."""
     rankers: bool = True
     """Run the ranker comparison (probes always run on the simulator)."""
@@ -104,11 +115,14 @@ class BenchConfig:
     def pretrain_config(self, method: str, seed: int) -> PretrainConfig:
         encoder = UserEncoderConfig(embedding_dim=self.embedding_dim,
                                     ffn_dim=4 * self.embedding_dim)
+        extra = {}
+        if method == "adaptssr_cold":
+            method, extra = "adaptssr", {"adaptssr": AdaptSSRConfig(warm_start_fraction=0.0)}
         return PretrainConfig(method=method, steps=self.steps, batch_size=self.batch_size,
-                              seed=seed, progress=False, encoder=encoder)
+                              seed=seed, progress=False, encoder=encoder, **extra)
 
 
-QUICK = BenchConfig(users=600, days=5, seeds=(0,), steps=120, ranker_epochs=1)
+QUICK = BenchConfig(users=600, days=5, seeds=(0,), steps=120, ranker_epochs=1, frozen=False)
 
 
 @dataclass
@@ -147,7 +161,8 @@ def prepare_kuairand(config: BenchConfig, workdir: Path) -> Dataset | None:
     return Dataset("kuairand", workspace.examples, features)
 
 
-def pretrain_encoders(config: BenchConfig, dataset: Dataset) -> dict[tuple[str, int], dict]:
+def pretrain_encoders(config: BenchConfig, dataset: Dataset,
+                      methods: tuple[str, ...]) -> dict[tuple[str, int], dict]:
     """(method, seed) → {"encoder", "seconds", "final"} trained on the training histories."""
     schema = load_schema(dataset.examples)
     train = pl.read_parquet(dataset.examples / "train.parquet")
@@ -155,7 +170,7 @@ def pretrain_encoders(config: BenchConfig, dataset: Dataset) -> dict[tuple[str, 
     log(f"{dataset.name}: {len(data):,} training windows of {data.n_users:,} users")
     encoders = {}
     for seed in config.seeds:
-        for method in config.methods:
+        for method in methods:
             pretrain_config = config.pretrain_config(method, seed).for_schema(schema)
             started = time.perf_counter()
             result = pretrain(data, pretrain_config)
@@ -163,7 +178,7 @@ def pretrain_encoders(config: BenchConfig, dataset: Dataset) -> dict[tuple[str, 
             final = result.history[-1] if result.history else {}
             encoders[(method, seed)] = {"encoder": result.encoder, "seconds": seconds,
                                         "final": final}
-            log(f"  pretrain {method:<8} seed {seed}: {seconds:6.1f} s "
+            log(f"  pretrain {method:<13} seed {seed}: {seconds:6.1f} s "
                 + " ".join(f"{k}={v:.3f}" for k, v in final.items()
                            if k in ("loss", "acc_pos_semi", "acc_semi_neg", "lambda",
                                     "cl_accuracy", "mip_accuracy")))
@@ -321,8 +336,9 @@ def markdown(config: BenchConfig, results: dict) -> str:
         START,
         "## User models: self-supervised pretraining (`benchmarks/user_models.py`)",
         "",
-        f"Machine: {results['machine']}. Wall time {results['seconds'] / 60:.1f} min "
-        f"({config.threads} torch thread(s); other jobs may have shared the machine).",
+        "Command: `.venv/bin/python benchmarks/user_models.py`. Machine: "
+        f"{results['machine']} (other jobs may share this machine). Wall time "
+        f"{results['seconds'] / 60:.0f} min.",
         "",
         f"Setup: simulator {config.users} users × {config.days} days (world seed "
         f"{config.world_seed}); seeds {list(config.seeds)}; encoder D={config.embedding_dim}, "
@@ -334,7 +350,7 @@ def markdown(config: BenchConfig, results: dict) -> str:
         "",
         "### Linear probes of frozen user vectors (simulator, held-out 30% of users)",
         "",
-        probe_table(results["probes"], config.methods),
+        probe_table(results["probes"], (*config.methods, *config.ablations)),
         "",
     ]
     for dataset in ("simulator", "kuairand"):
@@ -360,27 +376,40 @@ def write_readme(section: str) -> None:
     README.write_text(text)
 
 
+def machine_line(load_start: float) -> str:
+    model = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return (f"{os.cpu_count()} cores ({model}), no GPU, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s); load "
+            f"average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+
+
 def run(config: BenchConfig, workdir: Path) -> dict:
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     notes: list[str] = []
     log("simulating and building examples")
     simulator = prepare_simulator(config, workdir)
-    encoders = pretrain_encoders(config, simulator)
+    encoders = pretrain_encoders(config, simulator, (*config.methods, *config.ablations))
     probes = run_probes(config, simulator, encoders)
     rankers = run_rankers(config, simulator, encoders) if config.rankers else []
     kuairand = prepare_kuairand(config, workdir) if config.rankers else None
     if config.rankers and kuairand is None:
         notes.append(f"KuaiRand skipped: {config.kuairand or 'no path'} not found.")
     elif kuairand is not None:
-        rankers += run_rankers(config, kuairand, pretrain_encoders(config, kuairand))
+        rankers += run_rankers(config, kuairand,
+                               pretrain_encoders(config, kuairand, config.methods))
         notes.append("KuaiRand-1K: ingested with the kuairand adapter; 2 valid + 3 test days; "
                      f"AUC shown only for tasks with ≥ {MIN_POSITIVES} test positives.")
     return {
         "config": asdict(config),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-                   f"torch {torch.__version__}, no GPU",
+        "machine": machine_line(load_start),
         "seconds": time.perf_counter() - started,
         "probes": probes,
         "rankers": rankers,
@@ -405,15 +434,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     parser.add_argument("--dim", type=int, help="encoder width D")
     parser.add_argument("--ranker-epochs", type=int)
     parser.add_argument("--fractions", type=float, nargs="+")
-    parser.add_argument("--frozen", action="store_true", help="also frozen-encoder rankers")
+    parser.add_argument("--no-frozen", action="store_true", help="skip frozen-encoder rankers")
+    parser.add_argument("--no-ablations", action="store_true",
+                        help="skip the probe-only ablations (AdaptSSR without warm start)")
     parser.add_argument("--no-rankers", action="store_true", help="probes only")
     parser.add_argument("--kuairand", type=str, help=f"KuaiRand CSV (default {KUAIRAND_CSV})")
     parser.add_argument("--no-kuairand", action="store_true")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--workdir", type=Path, help="keep the workspaces here (default: tmp)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
+    parser.add_argument("--json", type=Path, help="also write every number (per seed) here")
     parser.add_argument("--write-readme", action="store_true",
                         help="update our section of benchmarks/README.md")
+    parser.add_argument("--from-results", type=Path,
+                        help="render the tables of a saved results JSON (runs nothing)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else BenchConfig()
     overrides = {
@@ -427,8 +460,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
         "kuairand": args.kuairand,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    if args.frozen:
-        config = replace(config, frozen=True)
+    if args.no_frozen:
+        config = replace(config, frozen=False)
+    if args.no_ablations:
+        config = replace(config, ablations=())
     if args.no_rankers:
         config = replace(config, rankers=False)
     if args.no_kuairand:
@@ -436,8 +471,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
     return config, args
 
 
+def config_from_dict(data: dict) -> BenchConfig:
+    tuples = ("seeds", "methods", "ablations", "fractions")
+    return BenchConfig(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
+    if args.from_results:
+        results = json.loads(args.from_results.read_text())
+        section = markdown(config_from_dict(results["config"]), results)
+        print(section)
+        if args.write_readme:
+            write_readme(section)
+        return 0
     log(f"config: {asdict(config)}")
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -445,14 +492,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="recpipe-user-models-") as tmp:
             results = run(config, Path(tmp))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+        log(f"results → {args.json}")
     section = markdown(config, results)
     print(section)
     if args.write_readme:
         write_readme(section)
         log(f"updated {README}")
-    log(f"results → {args.out}")
     return 0
 
 

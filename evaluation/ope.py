@@ -6,7 +6,7 @@ DR with optimistic shrinkage (DRos), and ``default``: a MAGIC-style blend of all
 Sessions (sequential decisions): per-decision importance sampling (PDIS), per-decision
 doubly robust (DR) and fitted-Q evaluation (FQE).
 
-Every estimate carries a bootstrap percentile interval and the Kish effective sample size
+Every estimate carries a bootstrap interval (BCa by default) and the Kish effective sample size
 of the importance weights it used, and a warning when those weights are extreme.
 
 Notation: ``n`` logged rows, ``A`` actions; ``w_i = pi(a_i | x_i) / mu(a_i | x_i)`` the
@@ -85,7 +85,11 @@ class OPEConfig:
     n_boot: int = 1000
     """Bootstrap resamples (of clusters) for every interval."""
     level: float = 0.95
-    """Confidence level of the percentile intervals."""
+    """Confidence level of the intervals."""
+    interval: str = "bca"
+    """bca: bias-corrected and accelerated bootstrap (acceleration from the leave-one-
+    cluster-out jackknife; right for the skewed, heavy-tailed rewards of watch time);
+    percentile: the plain percentile interval."""
     seed: int = 0
     """Seed of the bootstrap resampling."""
     ipw_clip: float | None = None
@@ -104,6 +108,8 @@ class OPEConfig:
             raise ValueError(f"n_boot must be >= 20, got {self.n_boot}")
         if not 0.5 < self.level < 1.0:
             raise ValueError(f"level must be in (0.5, 1), got {self.level}")
+        if self.interval not in ("bca", "percentile"):
+            raise ValueError(f"interval must be 'bca' or 'percentile', got {self.interval!r}")
         if self.ipw_clip is not None and self.ipw_clip <= 0:
             raise ValueError(f"ipw_clip must be > 0, got {self.ipw_clip}")
 
@@ -254,6 +260,15 @@ class Clusters:
                 total = total + (self.counts @ self.sums(num)) / (self.counts @ self.sums(den))
         return total
 
+    def jackknife(self, terms: Terms) -> np.ndarray:
+        """(G,) the estimator with each cluster left out in turn."""
+        out = np.zeros(self.n_clusters)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for num, den in zip(terms.num, terms.den, strict=True):
+                sn, sd = self.sums(num), self.sums(den)
+                out = out + (sn.sum() - sn) / (sd.sum() - sd)
+        return out
+
     def std_error(self, terms: Terms) -> float:
         """Analytic cluster-robust standard error (linearised ratio), for SLOPE."""
         g = self.n_clusters
@@ -300,12 +315,46 @@ def weight_diagnostics(weights: np.ndarray, config: OPEConfig = OPEConfig()) -> 
                              max=float(w.max()), max_share=max_share, warnings=tuple(found))
 
 
+def interval(replicates: np.ndarray, value: float, jackknife: np.ndarray | None,
+             config: OPEConfig) -> tuple[float, float]:
+    if config.interval == "bca":
+        return bca_interval(replicates, value, jackknife, config.level)
+    return percentile_interval(replicates, config.level)
+
+
 def percentile_interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
     finite = replicates[np.isfinite(replicates)]
     if finite.size == 0:
         return float("nan"), float("nan")
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(finite, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def bca_interval(replicates: np.ndarray, value: float, jackknife: np.ndarray | None,
+                 level: float) -> tuple[float, float]:
+    """Bias-corrected and accelerated bootstrap interval (Efron 1987): the percentile
+    levels are shifted by the median bias z0 of the replicates and the acceleration a from
+    the jackknife's skewness. Falls back to the percentile interval when undefined."""
+    from statistics import NormalDist
+
+    finite = replicates[np.isfinite(replicates)]
+    if finite.size < 20 or not math.isfinite(value) or jackknife is None:
+        return percentile_interval(replicates, level)
+    b = finite.size
+    below = (np.sum(finite < value) + 0.5 * np.sum(finite == value)) / b
+    normal = NormalDist()
+    z0 = normal.inv_cdf(min(max(below, 0.5 / b), 1 - 0.5 / b))
+    jk = jackknife[np.isfinite(jackknife)]
+    d = jk.mean() - jk if jk.size else np.zeros(1)
+    scale = float(np.sum(d * d)) ** 1.5
+    accel = float(np.sum(d**3)) / (6.0 * scale) if scale > 0 else 0.0
+    alpha = (1.0 - level) / 2.0
+    levels = []
+    for z in (normal.inv_cdf(alpha), normal.inv_cdf(1.0 - alpha)):
+        shifted = z0 + (z0 + z) / (1.0 - accel * (z0 + z))
+        levels.append(min(max(normal.cdf(shifted), 0.0), 1.0))
+    low, high = np.quantile(finite, levels)
     return float(low), float(high)
 
 
@@ -497,9 +546,10 @@ class OPEResult:
 
 
 def summarise(name: str, value: float, replicates: np.ndarray, ess_weights: np.ndarray | None,
-              config: OPEConfig, params: dict, n: int) -> Estimate:
+              config: OPEConfig, params: dict, n: int,
+              jackknife: np.ndarray | None = None) -> Estimate:
     """Point value, bootstrap interval, ESS and warnings of one estimator."""
-    low, high = percentile_interval(replicates, config.level)
+    low, high = interval(replicates, value, jackknife, config)
     found: tuple[str, ...] = ()
     if ess_weights is None:
         ess = float(n)
@@ -558,17 +608,18 @@ def estimate_bandit(data: BanditData, action_dist: np.ndarray, q_hat: np.ndarray
             xb = base.with_model(refit(m), action_dist, data.action)
             for name, t in model_based_terms(xb, params).items():
                 replicates[name][b] = weighted_value(t, m)
+    jackknives = {name: clusters.jackknife(t) for name, t in terms.items()}
     estimates = {
         name: summarise(name, t.value(), replicates[name],
                         effective_weights(name, x.weight, params[name]), config, params[name],
-                        data.n)
+                        data.n, jackknives[name])
         for name, t in terms.items()
     }
     weights = weight_diagnostics(x.weight, config)
     honest = [k for k in config.default_candidates
               if refit is not None or k not in MODEL_VARIANCE_NEEDS_REFIT]
     estimates["default"], replicates["default"] = blend_default(estimates, replicates, config,
-                                                                weights, honest)
+                                                                weights, honest, jackknives)
     if warn:
         for message in weights.warnings:
             warnings.warn(message, OPEWarning, stacklevel=2)
@@ -577,7 +628,9 @@ def estimate_bandit(data: BanditData, action_dist: np.ndarray, q_hat: np.ndarray
 
 def blend_default(estimates: dict[str, Estimate], replicates: dict[str, np.ndarray],
                   config: OPEConfig, weights: WeightDiagnostics,
-                  candidates: Sequence[str] | None = None) -> tuple[Estimate, np.ndarray]:
+                  candidates: Sequence[str] | None = None,
+                  jackknives: dict[str, np.ndarray] | None = None,
+                  ) -> tuple[Estimate, np.ndarray]:
     """MAGIC-style blend: x on the simplex minimising x'(Cov + b b')x (see module doc)."""
     names = [k for k in (candidates or config.default_candidates) if k in estimates]
     values = np.array([estimates[k].value for k in names])
@@ -588,7 +641,8 @@ def blend_default(estimates: dict[str, Estimate], replicates: dict[str, np.ndarr
     cov = np.cov(reps[ok], rowvar=False) if ok.sum() > 2 else np.eye(len(names))
     x = simplex_min_quadratic(np.atleast_2d(cov) + np.outer(bias, bias))
     blended = reps @ x
-    low, high = percentile_interval(blended, config.level)
+    jack = (np.stack([jackknives[k] for k in names], axis=1) @ x) if jackknives else None
+    low, high = interval(blended, float(values @ x), jack, config)
     finite = blended[np.isfinite(blended)]
     estimate = Estimate(
         name="default", value=float(values @ x), ci_low=low, ci_high=high,
@@ -897,64 +951,117 @@ def cross_fitted_q(states: np.ndarray, data: SessionData, action_dist: np.ndarra
     return cross_fit(fit_predict, data.n, n_folds, seed, groups)
 
 
-def lstdq(states: np.ndarray, data: SessionData, action_dist: np.ndarray, rows: np.ndarray,
-          ridge: float = 1e-3) -> Callable[[np.ndarray], np.ndarray]:
+@dataclass
+class LSTDQ:
     """Linear fitted-Q evaluation in closed form (LSTDQ, the fixed point that FQE with a
     linear regressor converges to): Q(s, a) = phi(s, a)' theta with phi = e_a (x) [1, z(s)],
-    z the states standardised on ``rows``; theta solves
-    (Phi'(Phi - Phi'_pi) + ridge n I) theta = Phi' r, where Phi'_pi holds
-    sum_a' pi(a'|s') phi(s', a') of the next decision (0 after the last).
-    Returns ``q(states_of_rows) -> (m, A)``."""
-    n_actions = np.shape(action_dist)[1]
-    x = states[rows]
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale == 0] = 1.0
+    z the states standardised on the training rows; theta solves
+    (Phi' W (Phi - Phi'_pi) + ridge sum(W) I) theta = Phi' W r, where Phi'_pi holds
+    sum_a' pi(a'|s') phi(s', a') of the next decision (0 after the last) and W the row
+    weights. The design is built once, so a bootstrap refit is one small solve."""
 
-    def basis(z: np.ndarray) -> np.ndarray:
-        return np.hstack([np.ones((len(z), 1)), (z - mean) / scale])  # (m, d+1)
+    mean: np.ndarray
+    scale: np.ndarray
+    phi: np.ndarray  # (m, A(d+1))
+    phi_next: np.ndarray  # (m, A(d+1))
+    reward: np.ndarray  # (m,)
+    n_actions: int
+    ridge: float
 
-    psi = basis(x)
-    dim = psi.shape[1]
-    a = np.asarray(data.action, np.int64)[rows]
-    pi = np.asarray(action_dist, np.float64)[rows]
-    r = np.asarray(data.reward, np.float64)[rows]
-    last = data.last[rows]
-    # rows of one episode are contiguous in ``rows`` (folds are episode-level)
-    nxt = np.minimum(np.arange(rows.size) + 1, rows.size - 1)
-    phi = np.zeros((rows.size, n_actions * dim))
-    phi_next = np.zeros_like(phi)
-    for action in range(n_actions):
-        block = slice(action * dim, (action + 1) * dim)
-        phi[a == action, block] = psi[a == action]
-        phi_next[:, block] = np.where(last[:, None], 0.0, pi[nxt, action][:, None] * psi[nxt])
-    lhs = phi.T @ (phi - phi_next) + ridge * rows.size * np.eye(n_actions * dim)
-    theta = np.linalg.solve(lhs, phi.T @ r).reshape(n_actions, dim)
+    @classmethod
+    def design(cls, states: np.ndarray, data: SessionData, action_dist: np.ndarray,
+               rows: np.ndarray, ridge: float = 1e-3) -> LSTDQ:
+        n_actions = np.shape(action_dist)[1]
+        x = states[rows]
+        mean, scale = x.mean(axis=0), x.std(axis=0)
+        scale[scale == 0] = 1.0
+        psi = np.hstack([np.ones((len(x), 1)), (x - mean) / scale])  # (m, d+1)
+        dim = psi.shape[1]
+        a = np.asarray(data.action, np.int64)[rows]
+        pi = np.asarray(action_dist, np.float64)[rows]
+        last = data.last[rows]
+        # rows of one episode are contiguous in ``rows`` (folds are episode-level)
+        nxt = np.minimum(np.arange(rows.size) + 1, rows.size - 1)
+        phi = np.zeros((rows.size, n_actions * dim))
+        phi_next = np.zeros_like(phi)
+        for action in range(n_actions):
+            block = slice(action * dim, (action + 1) * dim)
+            phi[a == action, block] = psi[a == action]
+            phi_next[:, block] = np.where(last[:, None], 0.0,
+                                          pi[nxt, action][:, None] * psi[nxt])
+        return cls(mean, scale, phi, phi_next, np.asarray(data.reward, np.float64)[rows],
+                   n_actions, ridge)
 
-    def q(z: np.ndarray) -> np.ndarray:
-        return basis(z) @ theta.T  # (m, A)
+    def solve(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """(A, d+1) theta for row weights (None: all 1)."""
+        w = np.ones(len(self.reward)) if weights is None else weights
+        weighted = self.phi * w[:, None]
+        lhs = weighted.T @ (self.phi - self.phi_next)
+        lhs[np.diag_indices_from(lhs)] += self.ridge * max(float(w.sum()), 1.0)
+        return np.linalg.solve(lhs, weighted.T @ self.reward).reshape(self.n_actions, -1)
 
-    return q
+    def predict(self, theta: np.ndarray, states: np.ndarray) -> np.ndarray:
+        """(m, A) Q of ``states`` for every action."""
+        basis = np.hstack([np.ones((len(states), 1)), (states - self.mean) / self.scale])
+        return basis @ theta.T
+
+
+def lstdq(states: np.ndarray, data: SessionData, action_dist: np.ndarray, rows: np.ndarray,
+          ridge: float = 1e-3) -> Callable[[np.ndarray], np.ndarray]:
+    """``q(states) -> (m, A)`` from LSTDQ fitted on ``rows`` (see ``LSTDQ``)."""
+    model = LSTDQ.design(states, data, action_dist, rows, ridge)
+    theta = model.solve()
+    return lambda z: model.predict(theta, z)
+
+
+def lstdq_model(states: np.ndarray, data: SessionData, action_dist: np.ndarray,
+                n_folds: int = 2, seed: int = 0, ridge: float = 1e-3) -> RewardRefit:
+    """Refittable cross-fitted linear FQE: ``model(weights or None) -> (n, A)`` Q(s_i, a)
+    from the fit on the other folds' episodes (row weights: bootstrap multiplicities)."""
+    groups = data.groups if data.groups is not None else data.episode
+    designs: dict[int, LSTDQ] = {}
+
+    def fit_predict(train: np.ndarray, test: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+        fold = int(test[0])
+        if fold not in designs:  # the unweighted call builds the fold's design on all rows
+            designs[fold] = LSTDQ.design(states, data, action_dist, train, ridge)
+        design = designs[fold]
+        weights = None
+        if w is not None:  # cross_fit drops zero-weight rows: put the weights back in place
+            weights = np.zeros(len(design.reward))
+            weights[np.searchsorted(design_rows[fold], train)] = w
+        return design.predict(design.solve(weights), states[test])
+
+    folds = fold_ids(data.n, n_folds, seed, groups)
+    design_rows = {int(np.flatnonzero(folds == k)[0]): np.flatnonzero(folds != k)
+                   for k in range(n_folds) if np.any(folds == k)}
+
+    @single_threaded
+    def predict(weights: np.ndarray | None = None) -> np.ndarray:
+        if weights is not None and len(designs) < len(design_rows):
+            predict(None)  # build the designs from the full training folds first
+        return cross_fit(fit_predict, data.n, n_folds, seed, groups, sample_weight=weights)
+
+    return predict
 
 
 @single_threaded
 def cross_fitted_lstdq(states: np.ndarray, data: SessionData, action_dist: np.ndarray,
                        n_folds: int = 2, seed: int = 0, ridge: float = 1e-3) -> np.ndarray:
-    """(n, A) Q(s_i, a) from linear FQE (``lstdq``) fitted on the other folds' episodes."""
-    groups = data.groups if data.groups is not None else data.episode
-
-    def fit_predict(train: np.ndarray, test: np.ndarray, _: np.ndarray | None) -> np.ndarray:
-        return lstdq(states, data, action_dist, train, ridge)(states[test])
-
-    return cross_fit(fit_predict, data.n, n_folds, seed, groups)
+    """(n, A) Q(s_i, a) from linear FQE (``LSTDQ``) fitted on the other folds' episodes."""
+    return lstdq_model(states, data, action_dist, n_folds, seed, ridge)(None)
 
 
 @single_threaded
 def estimate_sessions(data: SessionData, action_dist: np.ndarray,
                       q_hat: np.ndarray | None = None,
-                      config: OPEConfig = OPEConfig(), warn: bool = True) -> OPEResult:
+                      config: OPEConfig = OPEConfig(), warn: bool = True,
+                      refit: RewardRefit | None = None) -> OPEResult:
     """PDIS, and with ``q_hat`` (n, A) from FQE also per-decision DR and FQE itself: the
     mean per-episode value of the target ``action_dist`` (n, A). Bootstrap over episodes
-    (or ``data.groups``); ESS of the cumulative weights at each episode's last decision."""
+    (or ``data.groups``); ESS of the cumulative weights at each episode's last decision.
+    ``refit(weights) -> q_hat`` (e.g. ``lstdq_model``) refits the Q model in every
+    resample, so FQE's interval includes the model's uncertainty."""
     groups = data.groups if data.groups is not None else data.episode
     clusters = Clusters.build(data.n, groups, config.n_boot, config.seed)
     rho = data.cumulative_weights(action_dist)
@@ -970,10 +1077,19 @@ def estimate_sessions(data: SessionData, action_dist: np.ndarray,
         parts["dr"] = (session_dr_terms(data, rho, q_logged, v_hat), final_rho, {})
         parts["fqe"] = (fqe_terms(data, v_hat), None, {})
     estimates, replicates = {}, {}
-    for name, (terms, ess_w, params) in parts.items():
+    for name, (terms, _, _) in parts.items():
         replicates[name] = clusters.replicates(terms)
+    if q_hat is not None and refit is not None:
+        for b in range(config.n_boot):
+            m = clusters.counts[b][clusters.index]
+            qb = np.asarray(refit(m), np.float64)
+            vb = np.sum(np.asarray(action_dist, np.float64) * qb, axis=1)
+            qlb = qb[np.arange(data.n), np.asarray(data.action, np.int64)]
+            replicates["dr"][b] = weighted_value(session_dr_terms(data, rho, qlb, vb), m)
+            replicates["fqe"][b] = weighted_value(fqe_terms(data, vb), m)
+    for name, (terms, ess_w, params) in parts.items():
         estimates[name] = summarise(name, terms.value(), replicates[name], ess_w, config,
-                                    params, data.n_episodes)
+                                    params, data.n_episodes, clusters.jackknife(terms))
     weights = weight_diagnostics(final_rho, config)
     if warn:
         for message in weights.warnings:

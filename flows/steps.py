@@ -169,7 +169,10 @@ def resolve_tasks(requested: tuple[dict, ...], built: tuple[TaskSpec, ...]) -> t
     kind or a duplicate name."""
     if not requested:
         return built
-    tasks = tuple(TaskSpec(**spec) for spec in requested)
+    try:
+        tasks = tuple(TaskSpec(**spec) for spec in requested)
+    except TypeError as error:
+        raise ValueError(f"a task is {{'name', 'kind', 'label'}}: {error}") from error
     for task in tasks:
         if task.kind not in ("binary", "regression"):
             raise ValueError(f"task {task.name!r}: kind must be 'binary' or 'regression', "

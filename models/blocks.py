@@ -203,7 +203,7 @@ class TargetAttention(nn.Module):
         per_row = torch.addmm(first.bias, query, (w_q + w_d).T)  # (B, H)
         per_item = torch.cat([keys, query.unsqueeze(1) * keys], dim=-1) @ torch.cat(
             [w_k - w_d, w_p], dim=1).T  # (B, T, H)
-        hidden = torch.relu(per_item + per_row.unsqueeze(1))  # (B, T, H)
+        hidden = torch.relu_(per_item.add_(per_row.unsqueeze(1)))  # (B, T, H), in place
         scores = last(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows → 0
         return torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (B, D)

@@ -1,13 +1,13 @@
 """Offline-RL baselines from d3rlpy 2.8.1 on the same logs: DQN, DiscreteCQL, DiscreteBCQ.
 
 Each sees the same episodes (sessions), the same anti-greedy reward
-(``models.allocators.data.RewardConfig``), the same discount and the same standardised dense
-state as SL-MGAC (no id embeddings: d3rlpy's encoders take a flat vector), with a network
-of the same width and the same number of gradient steps. The policy takes d3rlpy's greedy
-action (for BCQ, after its behaviour-cloning filter). d3rlpy has no constraint handling, so
-the share cap is met the way a platform would bolt it on: if the greedy actions would insert
-on more than ``live_share_cap`` of the training log's requests, an insert additionally needs
-Q(s, 1) - Q(s, 0) above the quantile that meets the cap.
+(``models.allocators.data.RewardConfig``), the same discount and n-step targets and the same
+standardised dense state as SL-MGAC (no id embeddings: d3rlpy's encoders take a flat
+vector), with a network of the same width and the same number of gradient steps. The policy
+takes d3rlpy's greedy action (for BCQ, after its behaviour-cloning filter). d3rlpy has no
+constraint handling, so the share cap is met the way a platform would bolt it on: if the
+greedy actions would insert on more than ``live_share_cap`` of the training log's requests,
+an insert additionally needs Q(s, 1) - Q(s, 0) above the quantile that meets the cap.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class D3RLPyConfig:
     """The same anti-greedy reward SL-MGAC learns from."""
     gamma: float = 0.95
     """Discount per request (as SL-MGAC)."""
+    n_step: int = 5
+    """Multi-step TD targets over the logged steps (as SL-MGAC's ``n_step``)."""
     live_share_cap: float = 0.3
     """Platform constraint, enforced post hoc by a Q-gap threshold (see module doc)."""
     hidden: int = 64
@@ -105,16 +107,18 @@ def train_d3rlpy(frame: pl.DataFrame, config: D3RLPyConfig = D3RLPyConfig(),
     d3rlpy.seed(config.seed)
     featurizer = AllocationFeaturizer.fit(frame)
     data = build_dataset(frame, featurizer, config.reward)
-    dataset = d3rlpy.dataset.MDPDataset(
-        observations=data.inputs.dense, actions=data.action.reshape(-1, 1),
-        rewards=data.reward.astype(np.float32).reshape(-1, 1),
-        terminals=data.done.astype(np.float32),
-        action_space=d3rlpy.ActionSpace.DISCRETE, action_size=2,
-    )
-    algo = make_algo(config)
-    epochs = max(1, config.n_steps // 500)
     # d3rlpy's structlog lines go to stdout; keep stdout for the CLI's JSON summary
     with contextlib.redirect_stdout(io.StringIO()):
+        dataset = d3rlpy.dataset.MDPDataset(
+            observations=data.inputs.dense, actions=data.action.reshape(-1, 1),
+            rewards=data.reward.astype(np.float32).reshape(-1, 1),
+            terminals=data.done.astype(np.float32),
+            action_space=d3rlpy.ActionSpace.DISCRETE, action_size=2,
+            transition_picker=d3rlpy.dataset.MultiStepTransitionPicker(config.n_step,
+                                                                       config.gamma),
+        )
+        algo = make_algo(config)
+        epochs = max(1, config.n_steps // 500)
         for epoch, metrics in algo.fitter(
             dataset, n_steps=epochs * (config.n_steps // epochs),
             n_steps_per_epoch=config.n_steps // epochs,

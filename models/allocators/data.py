@@ -411,14 +411,3 @@ def build_dataset(frame: pl.DataFrame, featurizer: AllocationFeaturizer,
         next_index=next_index, done=done, targets=targets,
         at_cap=frame["request_index"].to_numpy() >= reward.max_requests_per_session - 1,
     )
-
-
-def split_sessions(frame: pl.DataFrame, valid_fraction: float,
-                   seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(train, valid) by whole sessions, drawn with ``seed`` (valid may be empty)."""
-    sessions = frame["session_id"].unique().sort()
-    rng = np.random.default_rng(seed)
-    is_valid = rng.random(sessions.len()) < valid_fraction
-    valid_ids = sessions.filter(pl.Series(is_valid))
-    mask = frame["session_id"].is_in(valid_ids.implode())
-    return frame.filter(~mask), frame.filter(mask)

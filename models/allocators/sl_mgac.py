@@ -19,13 +19,17 @@ training step, the loop, the policy. What each piece is for:
    to replace part of the sampled immediate reward in the critic's target by its predicted
    expectation (``model_reward_weight``): less variance in what the critic bootstraps from.
 4. The critic is distributional over fixed buckets (a discretised value support fitted to
-   the log's Monte-Carlo returns): the scalar target r + gamma V(s') is mapped two-hot onto
-   the buckets and learnt by cross-entropy, which with LayerNorm keeps bootstrapping error
-   from compounding as squared-error regression on raw seconds does.
+   the log's Monte-Carlo returns): the scalar target is mapped two-hot onto the buckets and
+   learnt by cross-entropy, which with LayerNorm keeps bootstrapping error from compounding
+   as squared-error regression on raw seconds does. The target sums ``n_step`` logged
+   rewards before bootstrapping from the smaller of two critics' values under the actor
+   (clipped double Q), so an interruption's cost to the rest of the session reaches
+   Q(s, insert) quickly and one critic's overestimate of a rarely logged insert is not fed on.
 5. The actor maximises the exact expectation over the two actions of Q(s, a), minus the
    Lagrange multiplier times P(insert), plus an entropy bonus, minus a KL to the logged
-   propensity (an offline trust region). The multiplier does dual ascent on the live share
-   (mean P(insert) over logged states) against ``live_share_cap`` and is logged every step.
+   propensity (an offline trust region). The multiplier does projected dual ascent on the
+   live share (mean P(insert) over logged states) against ``live_share_cap - cap_margin``
+   and is logged every step. The served policy is the Polyak-averaged network.
 
 Diagnostics logged (``on_log``): value_loss, head_loss, actor_loss, entropy, advantage mean
 and std, q_gap (Q(s,1) - Q(s,0)), policy_share, lagrange_multiplier.
@@ -76,6 +80,9 @@ class SLMGACConfig:
     """Discount per request within a session."""
     live_share_cap: float = 0.3
     """Platform constraint: expected inserted lives per request must stay below this."""
+    cap_margin: float = 0.05
+    """The multiplier holds the share on logged states to cap - margin: the policy's own
+    states are not the log's, and its on-policy share must stay under the cap."""
     embedding_dim: int = 8
     """D: width of the user / author / hour embedding tables."""
     hidden: int = 64
@@ -109,9 +116,9 @@ class SLMGACConfig:
     """Weight of the multi-task reward-head loss next to the critic's cross-entropy."""
     model_reward_weight: float = 0.5
     """Share of the critic's immediate reward taken from the reward heads' expectation."""
-    entropy_coef_s: float = 2.0
+    entropy_coef_s: float = 5.0
     """Entropy bonus of the actor, in seconds of value per nat."""
-    behaviour_kl_s: float = 1.0
+    behaviour_kl_s: float = 2.5
     """Weight (seconds per nat) of KL(actor || logged propensity): offline trust region."""
     lagrange_lr: float = 20.0
     """Dual ascent step: seconds added to the multiplier per unit of share over the cap."""
@@ -429,8 +436,8 @@ def train_step(model: SLMGACModel, target: SLMGACModel, optimizer: torch.optim.O
     v = (1 - pi.detach()) * q[:, 0] + pi.detach() * q[:, 1]
     advantage = q[batch, action] - v  # (B,) of the logged action
     return {
-        "value_loss": float(value_loss), "head_loss": float(head_loss),
-        "actor_loss": float(actor_loss), "entropy": float(entropy.mean()),
+        "value_loss": value_loss.item(), "head_loss": head_loss.item(),
+        "actor_loss": actor_loss.item(), "entropy": entropy.detach().mean().item(),
         "advantage_mean": float(advantage.mean()), "advantage_std": float(advantage.std()),
         "q_gap": float((q[:, 1] - q[:, 0]).mean()), "q_mean": float(v.mean()),
         "policy_share": share, "lagrange_multiplier": mu,
@@ -457,7 +464,7 @@ def train_sl_mgac(frame: pl.DataFrame, config: SLMGACConfig = SLMGACConfig(),
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, foreach=True)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.n_steps, eta_min=config.learning_rate * config.final_lr_fraction)
-    lagrange = LagrangeMultiplier(config.live_share_cap, config.lagrange_lr,
+    lagrange = LagrangeMultiplier(config.live_share_cap - config.cap_margin, config.lagrange_lr,
                                   config.lagrange_max_s)
     nstep = NStepTargets.build(data, config.n_step, config.gamma)
     window: list[dict[str, float]] = []

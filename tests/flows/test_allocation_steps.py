@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 import polars as pl
 import pytest
+import torch
 
 from flows.allocation_steps import (
     add_train_allocator_arguments,
@@ -21,6 +22,14 @@ from flows.allocation_steps import (
 from flows.steps import SimulateParams, simulate_step
 from flows.workspace import Workspace
 from models.allocators.data import STATE_FIELDS, AllocationLogError
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ invariance, and the ranker adapter (frozen / fine-tuned) training inside build_r
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -223,3 +224,18 @@ def test_adapter_rebuilds_from_its_spec(ranker_data):
     rebuilt.load_state_dict(adapter.state_dict())
     batch = data.batch(np.arange(32))
     torch.testing.assert_close(rebuilt(batch), adapter(batch))
+
+
+def test_a_ranker_with_the_adapter_rebuilds_from_config_plus_spec(ranker_data):
+    """The recipe for ``LoadedRanker``: save ``adapter.spec()`` next to the state dict and
+    rebuild with ``build_ranker(schema, config, PretrainedUserEncoder.from_spec(spec))``."""
+    data, schema, vocab = ranker_data
+    adapter = adapter_for(schema, vocab, freeze=False)
+    model = build_ranker(schema, RankerConfig(n_experts=2), user_encoder=adapter).eval()
+    spec = json.loads(json.dumps(adapter.spec()))
+    rebuilt = build_ranker(schema, RankerConfig(n_experts=2),
+                           user_encoder=PretrainedUserEncoder.from_spec(spec)).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    batch = data.batch(np.arange(32))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(batch), model(batch))
