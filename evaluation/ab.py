@@ -274,6 +274,15 @@ class Guard:
 
 
 @dataclass(frozen=True)
+class Limit:
+    """An absolute bound on the challenger's own value of a metric (a platform constraint,
+    e.g. the live share cap), whatever the champion does."""
+
+    metric: str
+    max_value: float
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """When a challenger replaces the champion. Metric names are rows of the table."""
 
@@ -294,6 +303,8 @@ class GateConfig:
     guard_rule: Rule = "point"
     """point: the point estimate may not degrade beyond the tolerance; interval: the whole
     interval must stay within it (non-inferiority, much stricter on small logs)."""
+    limits: tuple[Limit, ...] = ()
+    """Upper bounds on the challenger's value (a missing metric fails its limit)."""
 
     def __post_init__(self) -> None:
         for rule in (self.primary_rule, self.guard_rule):
@@ -315,6 +326,9 @@ class GateConfig:
         if "guards" in values:
             values["guards"] = tuple(Guard(**g) if isinstance(g, dict) else Guard(*g)
                                      for g in values["guards"])
+        if "limits" in values:
+            values["limits"] = tuple(Limit(**g) if isinstance(g, dict) else Limit(*g)
+                                     for g in values["limits"])
         return cls(**values)
 
     @classmethod
@@ -328,7 +342,7 @@ class GateConfig:
 @dataclass(frozen=True)
 class GateResult:
     gate: str
-    """``primary`` or ``guard``."""
+    """``primary``, ``guard`` or ``limit``."""
     metric: str
     passed: bool
     reason: str
@@ -359,12 +373,14 @@ def same_version_decision(version: int | str) -> Decision:
 
 def evaluate_gates(table: MetricTable, config: GateConfig) -> Decision:
     """Apply the gates to the table: promote iff the primary improves and no guard fails."""
-    results = [primary_gate(table, config), *(guard_gate(table, g, config.guard_rule)
-                                              for g in config.guards)]
+    results = [primary_gate(table, config),
+               *(guard_gate(table, g, config.guard_rule) for g in config.guards),
+               *(limit_gate(table, limit) for limit in config.limits)]
     promote = all(r.passed for r in results)
     failed = [r for r in results if not r.passed]
     if promote:
-        summary = f"promote: {results[0].reason}; all {len(config.guards)} guards hold"
+        summary = (f"promote: {results[0].reason}; all {len(config.guards)} guards and "
+                   f"{len(config.limits)} limits hold")
     else:
         summary = "keep the champion: " + "; ".join(r.reason for r in failed)
     return Decision(promote, "promote" if promote else "keep-champion", tuple(results), summary)
@@ -409,6 +425,18 @@ def guard_gate(table: MetricTable, guard: Guard, rule: Rule) -> GateResult:
     return GateResult("guard", row.metric, False,
                       f"{row.metric} degrades beyond tolerance {guard.tolerance:g} "
                       f"({what} {measured:+.4f})")
+
+
+def limit_gate(table: MetricTable, limit: Limit) -> GateResult:
+    row = table.get(limit.metric)
+    if row is None or not math.isfinite(row.challenger):
+        return GateResult("limit", limit.metric, False,
+                          f"limit metric {limit.metric} is not measured in the comparison")
+    if row.challenger <= limit.max_value:
+        return GateResult("limit", row.metric, True,
+                          f"{row.metric} {row.challenger:.4f} <= {limit.max_value:g}")
+    return GateResult("limit", row.metric, False,
+                      f"{row.metric} {row.challenger:.4f} exceeds its limit {limit.max_value:g}")
 
 
 def decision_markdown(title: str, table: MetricTable | None, decision: Decision,

@@ -96,6 +96,7 @@ def log_ab_run(experiment_id: str, model_name: str, champion_version: int,
                   "gates.primary": gates.primary, "gates.min_improvement": gates.min_improvement,
                   "gates.primary_rule": gates.primary_rule, "gates.guard_rule": gates.guard_rule,
                   "gates.guards": "; ".join(f"{g.metric}<={g.tolerance:g}" for g in gates.guards),
+                  "gates.limits": "; ".join(f"{g.metric}<={g.max_value:g}" for g in gates.limits),
                   **(extra_params or {})}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         mlflow.log_metrics(table_metrics(table))

@@ -223,6 +223,12 @@ def cmd_train_allocator(args: argparse.Namespace, workspace: Workspace) -> dict:
         workspace, args.algo, args.input, args.seed, hyperparameters, args.live_share_cap,
         register=not args.no_register, eval_seeds=args.eval_seeds, eval_users=args.eval_users,
     )
+    print_allocator_summary(summary)
+    return summary
+
+
+def print_allocator_summary(summary: dict) -> None:
+    """The human-readable report of ``train_allocator_step``'s summary."""
     print(f"trained {summary['algo']} on {summary['rows']:,} requests in "
           f"{summary['sessions']:,} sessions ({summary['train_seconds']:.0f} s); "
           f"insert share on logged states {summary['share_on_log_states']:.3f}")
@@ -248,4 +254,3 @@ def cmd_train_allocator(args: argparse.Namespace, workspace: Workspace) -> dict:
         print(f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
     elif "registration_skipped" in summary:
         print(f"not registered: {summary['registration_skipped']}")
-    return summary

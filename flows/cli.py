@@ -17,10 +17,23 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.allocation_steps import add_train_allocator_arguments, cmd_train_allocator
+from flows.allocation_steps import (
+    ALGORITHMS as ALLOCATOR_ALGORITHMS,
+)
+from flows.allocation_steps import (
+    add_train_allocator_arguments,
+    cmd_train_allocator,
+    print_allocator_summary,
+)
 from flows.pretrain_steps import add_pretrain_arguments, cmd_pretrain
 from flows.workspace import Workspace
-from serving.cli import add_score_arguments, add_serve_arguments, cmd_score, cmd_serve
+from serving.cli import (
+    add_score_arguments,
+    add_serve_arguments,
+    cmd_score,
+    cmd_serve,
+    parse_task_weights,
+)
 
 USER_ERROR_EXIT = 2
 
@@ -82,15 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=512)
     train.add_argument("--lr", type=float, default=3e-3, help="learning rate")
     train.add_argument("--no-register", action="store_true", help="log the run only")
+    train.add_argument("--loss-weighting", choices=["fixed", "uncertainty"], default="fixed",
+                       help="combine task losses with fixed weights or learned uncertainty")
+    train.add_argument("--task-weights", type=parse_task_weights,
+                       help='fixed loss weights, e.g. "click=1,watch_time=0.5" (default 1 each)')
+    train.add_argument("--user-encoder", metavar="MODEL_URI",
+                       help="pretrained user encoder for the ranker's user slot, e.g. "
+                            "models:/recpipe-user-encoder@champion (`recpipe pretrain`)")
+    train.add_argument("--fine-tune-user-encoder", action="store_true",
+                       help="train the pretrained encoder with the ranker (default: frozen)")
 
     night = command("nightly", cmd_nightly,
-                    "one nightly Prefect flow run: simulate, ingest, features, train, register")
+                    "one nightly Prefect flow run: simulate, ingest, features, pretrain, "
+                    "train and A/B the ranker and the allocator, register, promote")
     add_simulation_options(night)
     night.add_argument("--source", choices=["canonical", "simulator", "kuairand"],
                        default="simulator")
     night.add_argument("--input", type=Path, help="raw logs to ingest (default: simulate)")
     add_ranker_options(night)
     add_feature_options(night)
+    night.add_argument("--pretrain-method", choices=["adaptssr", "cl4srec", "mip", "none"],
+                       default="adaptssr", help="user-encoder pretraining (none: skip)")
+    night.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 1000)")
+    night.add_argument("--ranker-user-encoder", action="store_true",
+                       help="give the ranker the night's pretrained encoder (frozen)")
+    night.add_argument("--allocator-algo", choices=[*ALLOCATOR_ALGORITHMS, "none"],
+                       default="sl_mgac",
+                       help="live-stream allocator (simulator logs only; none: skip)")
+    night.add_argument("--allocator-steps", type=int, help="allocator gradient steps")
+    night.add_argument("--allocator-eval-users", type=int,
+                       help="users of the held-out simulator world for true values and A/B")
 
     sched = command("schedule", cmd_schedule,
                     "serve the nightly deployment on a real Prefect server, on a cron schedule")
@@ -119,14 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ab = command("ab", cmd_ab, "offline A/B of a registered model's challenger vs champion; "
                  "promote when the gates pass")
-    ab.add_argument("--model", default="recpipe-ranker", help="registered model name")
+    ab.add_argument("--model", default="recpipe-ranker",
+                    help="registered model name (recpipe-ranker or recpipe-allocator)")
     ab.add_argument("--challenger", default="challenger", help="alias or version (e.g. 3)")
     ab.add_argument("--champion", default="champion", help="alias or version")
     ab.add_argument("--gates", type=Path, help="JSON gate config (evaluation.ab.GateConfig)")
     ab.add_argument("--primary", help="override the primary metric, e.g. click/gauc")
     ab.add_argument("--min-improvement", type=float, help="override the primary's margin")
     ab.add_argument("--test", type=Path,
-                    help="held-out examples (default <home>/lake/examples/test.parquet)")
+                    help="held-out data: examples for a ranker (default <home>/lake/examples/"
+                    "test.parquet), an allocation log for an allocator (default: a held-out "
+                    "simulator world, with true values)")
+    ab.add_argument("--eval-users", type=int,
+                    help="allocator: users of the held-out simulator world (default: the log's)")
     ab.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     ab.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ab.add_argument("--dry-run", action="store_true", help="decide and log, never promote")
@@ -213,7 +252,9 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
     job = RankerJob(
         ranker={"arch": args.arch},
         train={"epochs": args.epochs, "batch_size": args.batch_size,
-               "learning_rate": args.lr, "seed": args.seed},
+               "learning_rate": args.lr, "seed": args.seed,
+               "loss_weighting": args.loss_weighting, "task_weights": args.task_weights or {}},
+        user_encoder=args.user_encoder, fine_tune_user_encoder=args.fine_tune_user_encoder,
     )
     summary = train_ranker_step(workspace, job)
     if not args.no_register:
@@ -233,13 +274,25 @@ def cmd_nightly(args: argparse.Namespace, workspace: Workspace) -> dict:
         input_path=str(args.input) if args.input else None,
         users=args.users, days=args.days, seed=args.seed, arch=args.arch, epochs=args.epochs,
         history_length=args.history_length,
+        pretrain_method=None if args.pretrain_method == "none" else args.pretrain_method,
+        pretrain_steps=args.pretrain_steps, ranker_user_encoder=args.ranker_user_encoder,
+        allocator_algo=None if args.allocator_algo == "none" else args.allocator_algo,
+        allocator_steps=args.allocator_steps, allocator_eval_users=args.allocator_eval_users,
     )
+    if "pretrain" in summary:
+        pre = summary["pretrain"]
+        reg = pre["registered"]
+        print(f"pretrained {pre['method']}: {pre['users_embedded']} users embedded; "
+              f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
     print_metrics(summary["train_ranker"]["metrics"])
     reg = summary["register"]
     print(f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
-    if "ab" in summary:
-        print(f"offline A/B ({summary['ab']['status']}): {summary['ab']['message']}")
-        summary["ab"] = {k: v for k, v in summary["ab"].items() if k != "markdown"}
+    for key, what in (("ab", "ranker"), ("allocator_ab", "allocator")):
+        if key in summary:
+            print(f"{what} offline A/B ({summary[key]['status']}): {summary[key]['message']}")
+            summary[key] = {k: v for k, v in summary[key].items() if k != "markdown"}
+    if "train_allocator" in summary:
+        print_allocator_summary(summary["train_allocator"])
     print("review: `recpipe ui` prints how to open MLflow and Prefect on this workspace")
     return summary
 
@@ -279,23 +332,20 @@ def cmd_ope(args: argparse.Namespace, workspace: Workspace) -> dict:
 
 
 def cmd_ab(args: argparse.Namespace, workspace: Workspace) -> dict:
-    from dataclasses import replace
-
     from evaluation.ab import GateConfig
     from flows.evaluation_steps import ABJob, ab_step
 
-    gates = GateConfig.from_json(args.gates) if args.gates else GateConfig()
-    if args.primary:
-        gates = replace(gates, primary=args.primary)
-    if args.min_improvement is not None:
-        gates = replace(gates, min_improvement=args.min_improvement)
+    gates = GateConfig.from_json(args.gates) if args.gates else None
+    overrides = {k: v for k, v in (("primary", args.primary),
+                                   ("min_improvement", args.min_improvement)) if v is not None}
     if args.n_boot < 20:
         raise UserError(f"--n-boot must be >= 20, got {args.n_boot}")
     if not workspace.mlflow_db.exists():
         raise UserError(f"no MLflow store at {workspace.mlflow_db}; train a model first")
     job = ABJob(model_name=args.model, challenger=args.challenger, champion=args.champion,
-                gates=gates, n_boot=args.n_boot, seed=args.seed, promote=not args.dry_run,
-                test_path=str(args.test) if args.test else None)
+                gates=gates, gate_overrides=overrides, n_boot=args.n_boot, seed=args.seed,
+                promote=not args.dry_run, test_path=str(args.test) if args.test else None,
+                eval_users=args.eval_users)
     summary = ab_step(workspace, job)
     if summary["table"] is not None:
         from evaluation.ab import MetricTable

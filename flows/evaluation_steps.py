@@ -4,8 +4,9 @@ against its champion, with promotion when the gates pass."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from evaluation.ab import GateConfig
 from flows.workspace import Workspace
@@ -21,8 +22,11 @@ class ABJob:
     """Alias or version (``3`` / ``v3``) of the challenger."""
     champion: str = "champion"
     """Alias or version of the champion."""
-    gates: GateConfig = field(default_factory=GateConfig)
-    """Promotion gates."""
+    gates: GateConfig | None = None
+    """Promotion gates (None: the model kind's defaults, ``GateConfig()`` for rankers,
+    ``evaluation.allocation_ab.allocator_gates`` for allocators)."""
+    gate_overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields replaced in the gates, e.g. ``{"primary": "click/auc"}``."""
     n_boot: int = 1000
     """Paired user-bootstrap resamples."""
     seed: int = 0
@@ -30,32 +34,24 @@ class ABJob:
     promote: bool = True
     """Move ``champion`` when the gates pass (False: report only)."""
     test_path: str | None = None
-    """Held-out examples (default ``<workspace>/lake/examples/test.parquet``)."""
+    """Held-out data: examples for rankers (default ``<workspace>/lake/examples/
+    test.parquet``), an allocation log for allocators (default: a held-out simulator run)."""
+    eval_users: int | None = None
+    """Allocators: users of the held-out simulator world (default: the training log's)."""
 
 
 def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
     """Compare challenger and champion on the held-out logs, log an MLflow evaluation run,
-    promote on pass. Returns a JSON-able summary with ``status`` (promoted |
-    kept-champion | same-version | evaluated), the decision and a markdown report."""
+    promote on pass. Rankers are compared on the held-out example split, allocators
+    (``recpipe-allocator``) on a held-out allocation log (see ``allocator_comparison``).
+    Returns a JSON-able summary with ``status`` (promoted | kept-champion | same-version |
+    evaluated), the decision and a markdown report."""
     import mlflow
-    import numpy as np
-    import polars as pl
 
-    from evaluation.ab import (
-        decision_markdown,
-        evaluate_gates,
-        ranker_metric_table,
-        same_version_decision,
-    )
+    from evaluation.ab import decision_markdown, evaluate_gates, same_version_decision
     from evaluation.ab_mlflow import EVALUATION_EXPERIMENT, log_ab_run
-    from features.schema import RAW_INPUT_COLUMNS
-    from models.registry import (
-        ensure_experiment,
-        load_ranker,
-        promote,
-        record_evaluation,
-        resolve_version,
-    )
+    from models.allocators.registry import ALLOCATOR_MODEL_NAME
+    from models.registry import ensure_experiment, promote, record_evaluation, resolve_version
 
     mlflow.set_tracking_uri(workspace.tracking_uri)
     name = job.model_name
@@ -65,7 +61,7 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
                                ("champion", job.champion, champion)):
         if version is None:
             raise ValueError(f"{name} has no {role} {ref!r} in {workspace.tracking_uri}; "
-                             "train and register a model first (`recpipe train-ranker`)")
+                             "train and register a model first")
     base = {"model_name": name, "champion_version": champion,
             "challenger_version": challenger}
     title = f"{name}: v{challenger} (challenger) vs v{champion} (champion)"
@@ -74,14 +70,51 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
         return {**base, "status": decision.status, "decision": decision.to_dict(),
                 "run_id": None, "table": None, "message": decision.summary,
                 "markdown": decision_markdown(f"{name} v{challenger}", None, decision)}
+    versions = {"champion": champion, "challenger": challenger}
+    compare = allocator_comparison if name == ALLOCATOR_MODEL_NAME else ranker_comparison
+    table, gates, extra_params, per_model = compare(workspace, job, versions)
+    gates = replace(gates, **job.gate_overrides)
+    decision = evaluate_gates(table, gates)
+    experiment_id = ensure_experiment(EVALUATION_EXPERIMENT, workspace.artifacts)
+    run_id = log_ab_run(experiment_id, name, champion, challenger, table, decision, gates,
+                        extra_params={**extra_params, "seed": job.seed}, per_model=per_model)
+    record_evaluation(name, challenger, run_id, decision.status)
+    promotion = None
+    if decision.promote and job.promote:
+        promotion = promote(name, challenger, run_id, decision.summary)
+        status = "promoted"
+    elif decision.promote:
+        status = "evaluated"  # gates passed, promotion not requested
+    else:
+        status = "kept-champion"
+    return {**base, "status": status, "decision": decision.to_dict(), "run_id": run_id,
+            "experiment_id": experiment_id, "promotion": promotion, "table": table.to_dict(),
+            "message": decision.summary,
+            "markdown": decision_markdown(title, table, decision, run_id)}
+
+
+Comparison = tuple[Any, Any, dict, dict | None]
+"""(MetricTable, GateConfig, extra MLflow params, per-model predictions or None)."""
+
+
+def ranker_comparison(workspace: Workspace, job: ABJob, versions: dict[str, int]) -> Comparison:
+    """Per-task AUC / GAUC / logloss of both rankers on the held-out example split, under a
+    paired user bootstrap."""
+    import numpy as np
+    import polars as pl
+
+    from evaluation.ab import GateConfig, ranker_metric_table
+    from features.schema import RAW_INPUT_COLUMNS
+    from models.registry import load_ranker
+
     test_path = Path(job.test_path) if job.test_path else workspace.examples / "test.parquet"
     if not test_path.is_file():
         raise ValueError(f"{test_path}: no held-out examples; run `recpipe features` first")
     rows = pl.read_parquet(test_path)
     if rows.height == 0:
         raise ValueError(f"{test_path}: the held-out split is empty")
-    models = {role: load_ranker(f"models:/{name}/{version}")
-              for role, version in (("champion", champion), ("challenger", challenger))}
+    models = {role: load_ranker(f"models:/{job.model_name}/{version}")
+              for role, version in versions.items()}
     tasks = [t for t in models["challenger"].schema.tasks
              if t in models["champion"].schema.tasks and t.column in rows.columns]
     raw = rows.select(RAW_INPUT_COLUMNS)
@@ -97,23 +130,55 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
                                 user_ids, tasks, n_boot=job.n_boot, seed=job.seed,
                                 info={"test_path": str(test_path), "rows": rows.height,
                                       "users": int(len(np.unique(user_ids)))})
-    decision = evaluate_gates(table, job.gates)
-    experiment_id = ensure_experiment(EVALUATION_EXPERIMENT, workspace.artifacts)
-    run_id = log_ab_run(
-        experiment_id, name, champion, challenger, table, decision, job.gates,
-        extra_params={"test_path": str(test_path), "test_rows": rows.height,
-                      "test_users": table.info["users"], "seed": job.seed},
-        per_model={"labels": labels, "user_ids": user_ids, "tasks": tasks, **predictions})
-    record_evaluation(name, challenger, run_id, decision.status)
-    promotion = None
-    if decision.promote and job.promote:
-        promotion = promote(name, challenger, run_id, decision.summary)
-        status = "promoted"
-    elif decision.promote:
-        status = "evaluated"  # gates passed, promotion not requested
+    params = {"test_path": str(test_path), "test_rows": rows.height,
+              "test_users": table.info["users"]}
+    per_model = {"labels": labels, "user_ids": user_ids, "tasks": tasks, **predictions}
+    return table, job.gates or GateConfig(), params, per_model
+
+
+def allocator_comparison(workspace: Workspace, job: ABJob,
+                         versions: dict[str, int]) -> Comparison:
+    """Off-policy session value and live share of both allocators on one held-out
+    allocation log, plus their true values when the logs come from the simulator.
+
+    The held-out log is ``job.test_path`` when given; otherwise a fresh logging-policy run
+    of the simulator on a held-out world (the training log's settings, world seed + 1000:
+    users the policies never saw, scored as unseen), and both policies are also rolled out
+    on that same world for their true values."""
+    from evaluation.allocation_ab import allocator_gates, allocator_metric_table
+    from evaluation.ope import OPEConfig
+    from flows.allocation_steps import (
+        held_out_configs,
+        latest_simulator_dir,
+        simulator_manifest,
+        true_value,
+    )
+    from models.allocators.data import read_allocation_log, validate_allocation_frame
+    from models.allocators.registry import load_allocator
+
+    policies = {role: load_allocator(f"models:/{job.model_name}/{version}")
+                for role, version in versions.items()}
+    true_values = None
+    if job.test_path:
+        source = Path(job.test_path)
+        frame = read_allocation_log(source)
+        cap = policies["challenger"].config.live_share_cap
     else:
-        status = "kept-champion"
-    return {**base, "status": status, "decision": decision.to_dict(), "run_id": run_id,
-            "experiment_id": experiment_id, "promotion": promotion, "table": table.to_dict(),
-            "message": decision.summary,
-            "markdown": decision_markdown(title, table, decision, run_id)}
+        from simulation.simulator import simulate
+
+        manifest = simulator_manifest(latest_simulator_dir(workspace))
+        if manifest is None:
+            raise ValueError("no simulator manifest next to the latest allocation log: pass "
+                             "a held-out allocation log with --test")
+        world = held_out_configs(manifest, 1, job.eval_users)[0]
+        source = f"simulator held-out world seed {world.seed}, {world.n_users} users"
+        frame = validate_allocation_frame(simulate(world).allocations, source)
+        true_values = {role: true_value(policy, [world]) for role, policy in policies.items()}
+        cap = world.live_share_cap
+        policies = {role: p.with_id_features(False) for role, p in policies.items()}
+    config = OPEConfig(n_boot=job.n_boot, seed=job.seed)
+    table = allocator_metric_table(frame, policies["champion"], policies["challenger"], config,
+                                   true_values, info={"log": str(source)})
+    params = {"test_log": str(source), "test_decisions": table.info["decisions"],
+              "test_sessions": table.info["sessions"], "live_share_cap": cap}
+    return table, job.gates or allocator_gates(cap), params, None

@@ -1,5 +1,7 @@
-"""The nightly Prefect flow: simulate → ingest → features → train ranker → register →
-offline A/B of challenger vs champion, with promotion when the gates pass.
+"""The nightly Prefect flow: simulate → ingest → features → pretrain the user encoder →
+train ranker → register → offline A/B of the ranker; then, when the logs carry allocation
+decisions (simulator output), train the live-stream allocator → register → its offline A/B.
+Every A/B promotes its challenger only when the gates pass.
 
 Only orchestration: every task wraps a plain function of ``flows.steps`` and passes paths,
 URIs and JSON summaries. I/O tasks retry; training does not (a failure there is not
@@ -13,7 +15,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows import evaluation_steps, steps
+from flows import allocation_steps, evaluation_steps, steps
+from flows.pretrain_steps import pretrain_step
 from flows.workspace import Workspace
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
@@ -35,10 +38,27 @@ def features_task(home: str, history_length: int) -> dict:
     return steps.features_step(Workspace(Path(home)), config)
 
 
+@task(name="pretrain-user-encoder")
+def pretrain_task(home: str, method: str, n_steps: int | None, seed: int) -> dict:
+    overrides = {"seed": seed, **({"steps": n_steps} if n_steps else {})}
+    return pretrain_step(Workspace(Path(home)), method, overrides)
+
+
 @task(name="train-ranker")
-def train_ranker_task(home: str, arch: str, epochs: int, seed: int) -> dict:
-    job = steps.RankerJob(ranker={"arch": arch}, train={"epochs": epochs, "seed": seed})
+def train_ranker_task(home: str, arch: str, epochs: int, seed: int,
+                      user_encoder: str | None = None) -> dict:
+    job = steps.RankerJob(ranker={"arch": arch}, train={"epochs": epochs, "seed": seed},
+                          user_encoder=user_encoder)
     return steps.train_ranker_step(Workspace(Path(home)), job)
+
+
+@task(name="train-allocator")
+def train_allocator_task(home: str, algo: str, input_path: str, seed: int,
+                         n_steps: int | None, eval_users: int | None) -> dict:
+    overrides = {"n_steps": n_steps} if n_steps else None
+    return allocation_steps.train_allocator_step(
+        Workspace(Path(home)), algo, Path(input_path), seed, overrides, eval_seeds=1,
+        eval_users=eval_users, progress=False)
 
 
 @task(name="register-ranker", **IO_RETRIES)
@@ -46,9 +66,9 @@ def register_task(home: str, model_uri: str, run_id: str) -> dict:
     return steps.register_step(Workspace(Path(home)), model_uri, run_id)
 
 
-@task(name="ab-promote-ranker")
-def ab_task(home: str, model_name: str) -> dict:
-    job = evaluation_steps.ABJob(model_name=model_name)
+@task(name="offline-ab")
+def ab_task(home: str, model_name: str, eval_users: int | None = None) -> dict:
+    job = evaluation_steps.ABJob(model_name=model_name, eval_users=eval_users)
     return evaluation_steps.ab_step(Workspace(Path(home)), job)
 
 
@@ -63,8 +83,21 @@ def nightly(
     arch: str = "mmoe",
     epochs: int = 2,
     history_length: int = 20,
+    pretrain_method: str | None = "adaptssr",
+    pretrain_steps: int | None = None,
+    ranker_user_encoder: bool = False,
+    allocator_algo: str | None = "sl_mgac",
+    allocator_steps: int | None = None,
+    allocator_eval_users: int | None = None,
 ) -> dict:
-    """One night. With no ``input_path`` the built-in simulator provides the logs."""
+    """One night. With no ``input_path`` the built-in simulator provides the logs.
+
+    ``pretrain_method`` None skips pretraining; ``ranker_user_encoder`` plugs the night's
+    pretrained encoder (frozen) into the ranker. ``allocator_algo`` None skips the allocator;
+    it is trained only on logs with allocation decisions (a simulator output folder).
+    ``allocator_steps`` / ``allocator_eval_users``: gradient steps (default: the algorithm's)
+    and users of the held-out simulator world its true value and A/B use (default: the
+    log's)."""
     logger = get_run_logger()
     workspace = Workspace.from_env(home).create()
     summary: dict = {"workspace": str(workspace.root)}
@@ -79,7 +112,14 @@ def nightly(
                                ("input_rows", "accepted", "quarantined", "duplicates")})
     summary["features"] = features_task(str(workspace.root), history_length)
     logger.info("examples: %s", summary["features"]["rows"])
-    trained = train_ranker_task(str(workspace.root), arch, epochs, seed)
+    encoder_uri = None
+    if pretrain_method:
+        summary["pretrain"] = pretrain_task(str(workspace.root), pretrain_method,
+                                            pretrain_steps, seed)
+        encoder_uri = summary["pretrain"]["model_uri"]
+        logger.info("pretrained %s: %s", pretrain_method, summary["pretrain"]["registered"])
+    trained = train_ranker_task(str(workspace.root), arch, epochs, seed,
+                                encoder_uri if ranker_user_encoder else None)
     summary["train_ranker"] = trained
     summary["register"] = register_task(str(workspace.root), trained["model_uri"],
                                         trained["run_id"])
@@ -92,6 +132,20 @@ def nightly(
         key="nightly-ab", markdown=summary["ab"]["markdown"],
         description="Offline A/B of the ranker challenger vs champion, and the decision",
     )
+    if allocator_algo and (Path(input_path) / "allocations.parquet").is_file():
+        allocator = train_allocator_task(str(workspace.root), allocator_algo, input_path, seed,
+                                         allocator_steps, allocator_eval_users)
+        summary["train_allocator"] = allocator
+        if allocator["registered"] is not None:
+            summary["allocator_ab"] = ab_task(str(workspace.root), "recpipe-allocator",
+                                              allocator_eval_users)
+            logger.info("allocator offline A/B: %s", summary["allocator_ab"]["message"])
+            create_markdown_artifact(
+                key="nightly-allocator-ab", markdown=summary["allocator_ab"]["markdown"],
+                description="Offline A/B of the allocator challenger vs champion")
+        else:
+            logger.warning("allocator not registered: %s",
+                           allocator.get("registration_skipped"))
     return summary
 
 

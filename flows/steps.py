@@ -71,6 +71,11 @@ class RankerJob:
     ground_truth: str | None = None
     """Simulator output folder (or its ``ground_truth.parquet``) the examples came from: adds
     the oracle metrics. The caller that simulated the logs knows it; nothing is guessed."""
+    user_encoder: str | None = None
+    """Model URI of a pretrained user encoder (e.g. ``models:/recpipe-user-encoder@champion``)
+    plugged into the ranker's user-encoder slot; None: no pretrained encoder."""
+    fine_tune_user_encoder: bool = False
+    """Train the pretrained encoder with the ranker (default: frozen)."""
 
 
 def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dict:
@@ -113,8 +118,15 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
          for split in ("valid", "test")}
         if job.ground_truth else None
     )
+    vocab = Vocabulary.load(examples / "vocab.json")
     torch.manual_seed(train_config.seed)
-    model = build_ranker(schema, ranker_config)
+    adapter = None
+    if job.user_encoder:
+        from models.user_encoder_registry import load_pretrained_user_encoder
+
+        adapter = load_pretrained_user_encoder(job.user_encoder, vocab,
+                                               freeze=not job.fine_tune_user_encoder)
+    model = build_ranker(schema, ranker_config, user_encoder=adapter)
     init_output_bias(model, torch.from_numpy(splits["train"].labels))
     loss_fn = MultiTaskLoss(tasks, train_config.task_weights, train_config.loss_weighting)
     task_names = [task.name for task in tasks]
@@ -138,6 +150,8 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
         mlflow.log_params({f"rows_{k}": len(v) for k, v in splits.items()})
         mlflow.log_params({"tasks": ",".join(f"{t.name}:{t.kind}" for t in tasks),
                            "ground_truth": job.ground_truth or "none",
+                           "user_encoder": job.user_encoder or "none",
+                           "user_encoder_fine_tuned": job.fine_tune_user_encoder,
                            "n_parameters": sum(p.numel() for p in model.parameters())})
         mlflow.log_dict(json_file(examples / "schema.json"), "examples_schema.json")
         fit(model, loss_fn, splits["train"], train_config, task_names, log_epoch)
@@ -151,14 +165,15 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
             mlflow.log_metrics(flatten_metrics(split, values))
         diagnostics = log_diagnostics(model, loss_fn, splits, predictions["test"], metrics,
                                       tasks)
-        vocab = Vocabulary.load(examples / "vocab.json")
-        ranker = LoadedRanker(model, ranker_config, schema, vocab)
+        ranker = LoadedRanker(model, ranker_config, schema, vocab,
+                              adapter.spec() if adapter is not None else None)
         model_uri = log_ranker(ranker, pl.read_parquet(examples / "test.parquet", n_rows=5))
     return {
         "run_id": run.info.run_id,
         "experiment_id": experiment_id,
         "model_uri": model_uri,
         "arch": ranker_config.arch,
+        "user_encoder": job.user_encoder,
         "metrics": metrics,
         "diagnostics": diagnostics,
     }

@@ -53,22 +53,30 @@ def runtime_requirements() -> list[str]:
 
 @dataclass
 class LoadedRanker:
-    """A ranker rebuilt from its artifacts, ready to score."""
+    """A ranker rebuilt from its artifacts, ready to score. A ranker with a pretrained user
+    encoder carries the adapter's ``spec()`` (``user_encoder.json``); the encoder's weights
+    and item translation table are in the ranker's own state dict."""
 
     model: nn.Module
     config: RankerConfig
     schema: ExampleSchema
     vocab: Vocabulary
+    user_encoder_spec: dict | None = None
 
     @classmethod
     def from_dir(cls, directory: Path) -> LoadedRanker:
+        from models.user_encoders.adapter import PretrainedUserEncoder
+
         config = RankerConfig.from_dict(json.loads((directory / "ranker_config.json").read_text()))
         schema = ExampleSchema.from_dict(json.loads((directory / "schema.json").read_text()))
-        model = build_ranker(schema, config)
+        spec_file = directory / "user_encoder.json"
+        spec = json.loads(spec_file.read_text()) if spec_file.exists() else None
+        user_encoder = PretrainedUserEncoder.from_spec(spec) if spec else None
+        model = build_ranker(schema, config, user_encoder=user_encoder)
         state = torch.load(directory / "state_dict.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         model.eval()
-        return cls(model, config, schema, Vocabulary.load(directory / "vocab.json"))
+        return cls(model, config, schema, Vocabulary.load(directory / "vocab.json"), spec)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -76,6 +84,8 @@ class LoadedRanker:
         (directory / "ranker_config.json").write_text(json.dumps(self.config.to_dict()))
         (directory / "schema.json").write_text(json.dumps(self.schema.to_dict()))
         self.vocab.save(directory / "vocab.json")
+        if self.user_encoder_spec is not None:
+            (directory / "user_encoder.json").write_text(json.dumps(self.user_encoder_spec))
 
     def score_encoded(self, examples: pl.DataFrame) -> np.ndarray:
         """Predictions (N, K) for already encoded example rows (probabilities / seconds)."""

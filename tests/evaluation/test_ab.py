@@ -12,6 +12,7 @@ import pytest
 from evaluation.ab import (
     GateConfig,
     Guard,
+    Limit,
     MetricRow,
     MetricTable,
     bootstrap_auc,
@@ -125,6 +126,20 @@ def test_guards_block_degradation_beyond_tolerance():
     assert [g.metric for g in decision.gates if not g.passed] == ["click/logloss"]
     strict = GateConfig(primary="click/gauc", guards=gates.guards, guard_rule="interval")
     assert not evaluate_gates(ok, strict).promote  # like/auc could be down by 0.02
+
+
+def test_limits_bound_the_challengers_own_value():
+    gates = GateConfig(primary="value/dr", guards=(), limits=(Limit("live_share", 0.3),))
+    gain = row("value/dr", 5.0, 1.0, 9.0)
+    under = MetricTable((gain, MetricRow("live_share", 0.1, 0.29, 0.19, 0.1, 0.2, False)))
+    decision = evaluate_gates(under, gates)
+    assert decision.promote and "1 limits hold" in decision.summary
+    over = MetricTable((gain, MetricRow("live_share", 0.35, 0.31, -0.04, -0.05, -0.03, False)))
+    decision = evaluate_gates(over, gates)  # better than the champion, still over the cap
+    assert not decision.promote and "exceeds its limit 0.3" in decision.summary
+    missing = evaluate_gates(MetricTable((gain,)), gates)
+    assert not missing.promote and "not measured" in missing.summary
+    assert GateConfig.from_dict(gates.to_dict()) == gates
 
 
 def test_missing_and_unmeasurable_metrics():

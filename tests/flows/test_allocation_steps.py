@@ -5,6 +5,7 @@ that scores allocation-state rows."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -106,3 +107,43 @@ def test_missing_or_broken_logs_are_user_errors(tmp_path):
         train_allocator_step(empty, "greedy", Path(broken))
     with pytest.raises(SystemExit):
         parse("--algo", "ppo")
+
+
+def test_allocator_ab_compares_on_a_held_out_world_and_promotes_only_on_pass(workspace):
+    """Two registered allocators, the offline A/B on a fresh held-out simulator world:
+    off-policy session values with paired intervals, the live share, the true values."""
+    from evaluation.ab import GateConfig, Limit
+    from flows.evaluation_steps import ABJob, ab_step
+    from models.registry import alias_version
+
+    for algo in ("greedy", "sl_mgac"):  # v1 champion + challenger, then v2 challenger
+        train_allocator_step(workspace, algo, hyperparameters={"n_steps": 40}, eval_seeds=0,
+                             progress=False)
+    never = GateConfig(primary="session_watch/dr", min_improvement=1e9, guards=())
+    summary = ab_step(workspace, ABJob(model_name="recpipe-allocator", gates=never,
+                                       n_boot=50, eval_users=80))
+    assert summary["status"] == "kept-champion"
+    rows = {row["metric"]: row for row in summary["table"]["rows"]}
+    assert set(rows) == {"session_watch/pdis", "session_watch/dr", "session_watch/fqe",
+                         "live_share", "true/session_watch_time", "true/retention",
+                         "true/watch_time_per_user", "true/live_share"}
+    for name in ("session_watch/dr", "live_share"):
+        row = rows[name]
+        assert row["ci_low"] <= row["diff"] <= row["ci_high"], row
+    assert rows["true/live_share"]["challenger"] >= 0.0
+    assert summary["table"]["info"]["log"].startswith("simulator held-out world seed 1000")
+    assert alias_version("recpipe-allocator", "champion") == 1
+
+    share = rows["live_share"]["challenger"]
+    capped = GateConfig(primary="session_watch/dr", min_improvement=-1e9, primary_rule="point",
+                        guards=(), limits=(Limit("live_share", share / 2),))
+    blocked = ab_step(workspace, ABJob(model_name="recpipe-allocator", gates=capped,
+                                       n_boot=50, eval_users=80))
+    assert blocked["status"] == "kept-champion" and "exceeds its limit" in blocked["message"]
+    allowed = replace(capped, limits=(Limit("live_share", share + 0.01),))
+    passed = ab_step(workspace, ABJob(model_name="recpipe-allocator", gates=allowed,
+                                      n_boot=50, eval_users=80))
+    assert passed["status"] == "promoted"
+    assert alias_version("recpipe-allocator", "champion") == 2
+    assert alias_version("recpipe-allocator", "previous-champion") == 1
+

@@ -20,7 +20,8 @@ def test_nightly_flow_registers_a_ranker_that_loads_and_scores(tmp_path):
     workspace = Workspace(tmp_path / "ws")
     with prefect_test_harness(server_startup_timeout=90):
         state = nightly(home=str(workspace.root), users=120, days=4, seed=3, epochs=1,
-                        return_state=True)
+                        pretrain_steps=6, allocator_steps=300,
+                        allocator_eval_users=60, return_state=True)
     assert state.is_completed(), state
     summary = state.result()
     ingest = summary["ingest"]
@@ -40,3 +41,17 @@ def test_nightly_flow_registers_a_ranker_that_loads_and_scores(tmp_path):
     assert len(scores) == 50
     assert scores["click"].between(0, 1).all()
     assert (scores["watch_time"] >= 0).all()
+
+    # the night pretrained an encoder (the ranker-with-encoder path: test_pretrain_step),
+    # and trained and A/B'd an allocator
+    assert summary["pretrain"]["registered"]["name"] == "recpipe-user-encoder"
+    assert summary["train_ranker"]["user_encoder"] is None
+    assert pl.read_parquet(summary["pretrain"]["embeddings_path"]).height > 0
+    allocator = summary["train_allocator"]
+    assert allocator["algo"] == "sl_mgac" and allocator["true_value"]["eval_users"] == 60
+    assert allocator["registered"]["name"] == "recpipe-allocator"
+    assert summary["allocator_ab"]["status"] == "same-version"  # the first night's only one
+    allocation = mlflow.pyfunc.load_model("models:/recpipe-allocator@champion")
+    log = pl.read_parquet(workspace.raw / "simulator-seed3-users120-days4" / "allocations.parquet")
+    decided = allocation.predict(log.head(5).to_pandas())
+    assert decided["p_insert"].between(0, 1).all()

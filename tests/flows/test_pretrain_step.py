@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from features.build import FeatureConfig
+from features.schema import RAW_INPUT_COLUMNS
 from flows.pretrain_steps import (
     PretrainDataError,
     add_pretrain_arguments,
@@ -103,3 +104,36 @@ def test_table_write_leaves_the_old_table_when_it_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert pl.read_parquet(path).get_column("model_version").to_list() == [1, 1]
     assert [p.name for p in path.parent.iterdir()] == ["part-0.parquet"]
+
+
+@pytest.mark.integration
+def test_a_ranker_trains_on_the_registered_encoder_and_reloads_with_it(workspace, tmp_path):
+    """pretrain → train-ranker --user-encoder (frozen) → register → load from the registry:
+    the reloaded ranker scores like the trained one and the frozen encoder kept its weights."""
+    from flows.steps import RankerJob, register_step, train_ranker_step
+    from models.registry import load_ranker
+    from models.user_encoder_registry import load_user_encoder
+
+    events = tmp_path / "events.parquet"
+    make_events(n_users=30, per_user=20).write_parquet(events)
+    ingest_step("canonical", events, workspace)
+    features_step(workspace, FeatureConfig(history_length=8))
+    pretrain_step(workspace, "mip", {"steps": 3, "batch_size": 8,
+                                     "encoder": {"embedding_dim": 8, "n_layers": 1}})
+    uri = "models:/recpipe-user-encoder@champion"
+    job = RankerJob(ranker={"n_experts": 2}, train={"epochs": 1, "progress": False},
+                    user_encoder=uri)
+    summary = train_ranker_step(workspace, job)
+    assert summary["user_encoder"] == uri
+    registered = register_step(workspace, summary["model_uri"], summary["run_id"])
+    ranker = load_ranker(f"models:/recpipe-ranker/{registered['version']}")
+    assert ranker.user_encoder_spec["freeze"] is True
+    pretrained = load_user_encoder(uri).encoder.state_dict()
+    adapted = ranker.model.encoder.user_encoder.encoder.state_dict()
+    for name, value in pretrained.items():
+        torch.testing.assert_close(adapted[name], value)
+    rows = pl.read_parquet(workspace.examples / "test.parquet")
+    scores = ranker.score_raw(rows.select(RAW_INPUT_COLUMNS))
+    again = load_ranker(summary["model_uri"]).score_raw(rows.select(RAW_INPUT_COLUMNS))
+    np.testing.assert_allclose(scores, again, rtol=1e-6)
+    assert scores.shape == (rows.height, len(ranker.schema.tasks))
