@@ -15,11 +15,15 @@ training step, the loop, the policy. What each piece is for:
    (less variance from mixing very different session lengths).
 3. Supervised enhancement: multi-task reward heads on (state embedding, action) predict the
    request's live and video watch time, live click, follow, gift and session exit, trained
-   jointly with the critic (dense signals shape the encoder the sparse ones share) and used
-   to replace part of the sampled immediate reward in the critic's target by its predicted
-   expectation (``model_reward_weight``): less variance in what the critic bootstraps from.
+   jointly with the critic (dense signals shape the encoder the sparse ones share). Their
+   expected immediate reward r_hat(s, a) is one part of Q: Q(s, a) = r_hat(s, a) + the
+   critic's value of the rest of the return. The heads are fitted on every logged row by
+   plain regression, so the immediate cost or gain of inserting (the biggest part of the
+   difference between the two actions) comes with supervised-learning variance; the critic,
+   fitted by bootstrapping, carries only what comes after (exits, fatigue, retention).
 4. The critic is distributional over fixed buckets (a discretised value support fitted to
-   the log's Monte-Carlo returns): the scalar target is mapped two-hot onto the buckets and
+   the log's Monte-Carlo returns): its scalar target (the sampled residual r - r_hat(s, a)
+   plus the later return, see ``train_step``) is mapped two-hot onto the buckets and
    learnt by cross-entropy, which with LayerNorm keeps bootstrapping error from compounding
    as squared-error regression on raw seconds does. The target sums ``n_step`` logged
    rewards before bootstrapping from the smaller of two critics' values under the actor
@@ -29,7 +33,9 @@ training step, the loop, the policy. What each piece is for:
    Lagrange multiplier times P(insert), plus an entropy bonus, minus a KL to the logged
    propensity (an offline trust region). The multiplier does projected dual ascent on the
    live share (mean P(insert) over logged states) against ``live_share_cap - cap_margin``
-   and is logged every step. The served policy is the Polyak-averaged network.
+   and is logged every step. The served policy is the Polyak-averaged network, its insert
+   logit shifted by one constant so its share on the logged states is that bound, or the
+   smaller share of states where the critic's Q(s, 1) > Q(s, 0) (``calibrate_share``).
 
 Diagnostics logged (``on_log``): value_loss, head_loss, actor_loss, entropy, advantage mean
 and std, q_gap (Q(s,1) - Q(s,0)), policy_share, lagrange_multiplier.
@@ -65,6 +71,7 @@ from models.allocators.data import (
     StateInputs,
     build_dataset,
     discounted_returns,
+    state_columns,
 )
 
 ALGO = "sl_mgac"
@@ -80,7 +87,7 @@ class SLMGACConfig:
     """Discount per request within a session."""
     live_share_cap: float = 0.3
     """Platform constraint: expected inserted lives per request must stay below this."""
-    cap_margin: float = 0.05
+    cap_margin: float = 0.10
     """The multiplier holds the share on logged states to cap - margin: the policy's own
     states are not the log's, and its on-policy share must stay under the cap."""
     embedding_dim: int = 8
@@ -114,8 +121,6 @@ class SLMGACConfig:
     noisy step happened to land."""
     head_loss_weight: float = 1.0
     """Weight of the multi-task reward-head loss next to the critic's cross-entropy."""
-    model_reward_weight: float = 0.5
-    """Share of the critic's immediate reward taken from the reward heads' expectation."""
     entropy_coef_s: float = 5.0
     """Entropy bonus of the actor, in seconds of value per nat."""
     behaviour_kl_s: float = 2.5
@@ -124,6 +129,10 @@ class SLMGACConfig:
     """Dual ascent step: seconds added to the multiplier per unit of share over the cap."""
     lagrange_max_s: float = 500.0
     """Upper clip of the Lagrange multiplier (seconds per inserted live)."""
+    calibrate_share: bool = True
+    """After training, shift the served actor's insert logit so its share on the logged
+    states is ``live_share_cap - cap_margin``, or the critic's smaller share of states worth
+    a live (see ``calibrate_share``)."""
     id_dropout: float = 0.3
     """Probability of replacing a row's user / author id by the OOV row while training, so
     the policy also works for users it has never seen."""
@@ -265,6 +274,7 @@ class SLMGACModel(nn.Module):
         self.actor = GroupHeads(h, h, 1)
         self.reward_heads = mlp(h + 2, h, len(HEAD_TARGETS))
         self.buckets = ValueBuckets(support[0], support[1], config.n_buckets)
+        self.register_buffer("insert_shift", torch.zeros(()))  # set by calibrate_share
         self.n_buckets = config.n_buckets
         self.n_critics = config.n_critics
 
@@ -280,7 +290,7 @@ class SLMGACModel(nn.Module):
         return self.buckets.decode(self.q_logits(h, group).softmax(dim=-1))
 
     def insert_logit(self, h: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        return self.actor(h, group).squeeze(1)  # (B,)
+        return self.actor(h, group).squeeze(1) + self.insert_shift  # (B,)
 
     def heads(self, h: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         a = F.one_hot(action, 2).to(h.dtype)  # (B, 2)
@@ -321,19 +331,24 @@ def concat_inputs(a: StateInputs, b: StateInputs) -> StateInputs:
                        np.concatenate([a.group, b.group]))
 
 
-def predicted_reward(model: SLMGACModel, h: torch.Tensor, action: torch.Tensor,
-                     data: AllocationDataset, rows: np.ndarray,
-                     config: SLMGACConfig) -> torch.Tensor:
-    """The reward heads' expected immediate reward (B,) for the logged action: predicted
-    watch minus the exit penalty times the predicted exit probability (at the request cap no
-    exit is early), plus the observed retention term."""
+def immediate_reward(model: SLMGACModel, h: torch.Tensor, action: torch.Tensor,
+                     early: torch.Tensor, config: SLMGACConfig) -> torch.Tensor:
+    """r_hat(s, a) (B,): the reward heads' expected immediate reward of ``action``: predicted
+    live + video watch minus the exit penalty times the predicted exit probability (``early``
+    (B,) is 0 at the request cap, where no exit is early)."""
     out = model.heads(h, action)  # (B, K)
     watch = 60.0 * out[:, :WATCH_TARGETS].sum(dim=1)  # (B,) seconds
     p_exit = torch.sigmoid(out[:, HEAD_TARGETS.index("session_end")])
-    early = torch.from_numpy(~data.at_cap[rows]).float()
-    returned = torch.from_numpy(data.parts["returned_at_end"][rows]).float()
-    r = config.reward
-    return watch - r.exit_penalty_s * p_exit * early + r.retention_bonus_s * returned
+    return watch - config.reward.exit_penalty_s * p_exit * early
+
+
+def action_values(model: SLMGACModel, h: torch.Tensor, group: torch.Tensor,
+                  early: torch.Tensor, config: SLMGACConfig) -> torch.Tensor:
+    """(B, C, 2) Q(s, a) = r_hat(s, a) + the critics' expected rest of the return."""
+    rest = model.q_values(h, group)  # (B, C, 2)
+    r_hat = torch.stack([immediate_reward(model, h, torch.full_like(group, a), early, config)
+                         for a in (0, 1)], dim=1)  # (B, 2)
+    return rest + r_hat.unsqueeze(1)
 
 
 @dataclass
@@ -390,17 +405,23 @@ def train_step(model: SLMGACModel, target: SLMGACModel, optimizer: torch.optim.O
     batch = torch.arange(rows.shape[0])
 
     h, h_boot = model.embed(concat_inputs(x, x_boot)).split(rows.shape[0])  # (B, H) each
-    # Critic target: n logged rewards, then the value under the current actor of the state n
-    # steps on through the target critics (the smaller of their estimates); the immediate
-    # reward is partly replaced by the reward heads' expectation.
+    early = torch.from_numpy(~data.at_cap[rows]).float()
+    early_boot = torch.from_numpy(~data.at_cap[nstep.bootstrap_row[rows]]).float()
+    # Critic target: what the return adds to the reward heads' r_hat(s, a) of the logged
+    # action: its sampled residual r - r_hat, the next n-1 logged rewards, then the value
+    # under the current actor of the state n steps on, Q through the target critics (the
+    # smaller of their estimates) plus r_hat. The immediate difference between inserting and
+    # skipping is thus carried by the supervised heads (fitted on every row, low variance)
+    # and the critics only learn what comes after.
     with torch.no_grad():
-        q_boot = target.q_values(target.embed(x_boot), group_boot).min(dim=1).values  # (B, 2)
+        h_target_boot = target.embed(x_boot)
+        q_boot = action_values(target, h_target_boot, group_boot, early_boot,
+                               config).min(dim=1).values  # (B, 2)
         pi_boot = torch.sigmoid(model.insert_logit(h_boot, group_boot))  # (B,)
         v_boot = (1 - pi_boot) * q_boot[:, 0] + pi_boot * q_boot[:, 1]
         sampled = torch.from_numpy(data.reward[rows]).float()
-        modelled = predicted_reward(model, h, action, data, rows, config)
-        w = config.model_reward_weight
-        y = ((1 - w) * sampled + w * modelled + torch.from_numpy(nstep.later_rewards[rows]).float()
+        residual = sampled - immediate_reward(model, h, action, early, config)
+        y = (residual + torch.from_numpy(nstep.later_rewards[rows]).float()
              + torch.from_numpy(nstep.bootstrap_discount[rows]).float() * v_boot)  # (B,)
         target_probs = model.buckets.encode(y)  # (B, n)
     every = model.q_logits(h, group)  # (B, C, 2, n)
@@ -415,7 +436,8 @@ def train_step(model: SLMGACModel, target: SLMGACModel, optimizer: torch.optim.O
                                                       targets[:, WATCH_TARGETS:]))
 
     # Actor: exact expectation over both actions of Q - mu * insert, + entropy - KL to logs.
-    q = model.buckets.decode(every.detach().softmax(dim=-1)).mean(dim=1)  # (B, 2)
+    with torch.no_grad():
+        q = action_values(model, h, group, early, config).mean(dim=1)  # (B, 2)
     pi = torch.sigmoid(model.insert_logit(h.detach(), group))  # (B,)
     p_logged = torch.from_numpy(data.p_insert[rows]).float()
     entropy = -(pi.clamp_min(1e-6).log() * pi + (1 - pi).clamp_min(1e-6).log() * (1 - pi))
@@ -480,8 +502,42 @@ def train_sl_mgac(frame: pl.DataFrame, config: SLMGACConfig = SLMGACConfig(),
         if on_log is not None and (step % config.log_every == 0 or step == config.n_steps):
             on_log(step, {k: float(np.mean([s[k] for s in window])) for k in stats})
             window = []
-    served = target if config.serve_target else model
-    return SLMGACPolicy(served.requires_grad_(False).eval(), featurizer, config, support)
+    served = (target if config.serve_target else model).requires_grad_(False).eval()
+    if config.calibrate_share:
+        calibrate_share(served, data, config)
+    return SLMGACPolicy(served, featurizer, config, support)
+
+
+@torch.no_grad()
+def calibrate_share(model: SLMGACModel, data: AllocationDataset, config: SLMGACConfig) -> float:
+    """Shift the actor's insert logit by one constant so that its mean P(insert) over the
+    logged states equals the share the constrained problem asks for; returns the shift.
+
+    That share is the bound ``live_share_cap - cap_margin``, or less where the critic sees
+    fewer logged states worth a live: min(bound, share of states with Q(s,1) > Q(s,0)), the
+    share of the constrained optimum given Q (insert where the gap beats a multiplier that
+    makes the bound hold). The dual ascent holds the bound only on average over training;
+    with a value gap of 100+ seconds between the actions it swings between inserting almost
+    everywhere and almost nowhere, and the served (averaged) network lands wherever the last
+    swing left it. One shift keeps the actor's ranking of requests (which to insert into
+    first) and only sets how many.
+    """
+    h = model.embed(data.inputs)
+    group = torch.tensor(data.inputs.group)  # a copy: the log's arrays are read-only
+    early = torch.from_numpy(~data.at_cap).float()
+    q = action_values(model, h, group, early, config).mean(dim=1)  # (N, 2)
+    worth = float((q[:, 1] > q[:, 0]).double().mean())
+    target_share = min(config.live_share_cap - config.cap_margin, worth)
+    logits = model.insert_logit(h, group).double()  # (N,)
+    low, high = -50.0, 50.0  # the share grows with the shift
+    for _ in range(60):
+        middle = (low + high) / 2
+        if torch.sigmoid(logits + middle).mean() > target_share:
+            high = middle
+        else:
+            low = middle
+    model.insert_shift += low
+    return low
 
 
 # --- The policy -----------------------------------------------------------------------------
@@ -520,7 +576,10 @@ class SLMGACPolicy:
             return {"p_insert": empty, "q_skip": empty, "q_insert": empty, "group": empty}
         group = torch.from_numpy(x.group)
         h = self.model.embed(x)
-        q = self.model.q_values(h, group).mean(dim=1).numpy().astype(np.float64)  # (B, 2)
+        cap = self.config.reward.max_requests_per_session - 1
+        early = torch.from_numpy(state_columns(state)["request_index"] < cap).float()
+        q = action_values(self.model, h, group, early, self.config).mean(dim=1)
+        q = q.numpy().astype(np.float64)  # (B, 2)
         p = torch.sigmoid(self.model.insert_logit(h, group)).numpy().astype(np.float64)
         return {"p_insert": p, "q_skip": q[:, 0], "q_insert": q[:, 1], "group": x.group}
 
