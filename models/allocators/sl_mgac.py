@@ -574,7 +574,7 @@ class SLMGACPolicy:
         if len(x) == 0:
             empty = np.zeros(0)
             return {"p_insert": empty, "q_skip": empty, "q_insert": empty, "group": empty}
-        group = torch.from_numpy(x.group)
+        group = torch.tensor(x.group)  # a copy: state arrays may be read-only
         h = self.model.embed(x)
         cap = self.config.reward.max_requests_per_session - 1
         early = torch.from_numpy(state_columns(state)["request_index"] < cap).float()

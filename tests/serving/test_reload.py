@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import mlflow
@@ -18,7 +17,6 @@ from serving.app import create_app
 from serving.reloader import ModelWatcher, load_ranker_version
 
 NAME = "recpipe-ranker"
-STUB_ALLOCATOR = Path(__file__).with_name("stub_allocator.py")
 
 
 @pytest.fixture(scope="module")
@@ -188,47 +186,71 @@ def test_a_version_that_fails_to_load_never_replaces_the_working_one(switching, 
     registry.delete_model_version(NAME, broken.version)
 
 
-def register_stub_allocator(store) -> int:
-    from models.registry import ensure_experiment
+SESSION = {"activity_group": 2, "request_index": 3, "lives_inserted_in_session": 0,
+           "session_watch_time_s": 240.0, "recent_click_rate": 0.2, "past_live_impressions": 4,
+           "past_live_watch_per_impression": 30.0, "past_video_watch_per_impression": 12.0,
+           "candidate_popularity": 0.4}
+"""The rest of the allocator's state, as a client sends it in ``context.session``."""
 
+
+def register_trained_allocator(store) -> tuple[int, object]:
+    """Train SL-MGAC briefly on a small simulated log, log it as the nightly does, register
+    it as recpipe-allocator@champion; returns the version and the trained policy."""
+    from dataclasses import replace
+
+    from models.allocators.data import validate_allocation_frame
+    from models.allocators.policy import config_for, train_policy
+    from models.allocators.registry import log_allocator
+    from models.registry import ensure_experiment
+    from simulation import SimulatorConfig, simulate
+
+    world = replace(SimulatorConfig(), n_users=100, days=2, n_videos=500, n_lives=30,
+                    n_authors=80, candidate_size=60, seed=0)
+    log = validate_allocation_frame(simulate(world).allocations)
+    policy = train_policy("sl_mgac", log, config_for("sl_mgac", seed=0, progress=False,
+                                                     overrides={"n_steps": 20}))
     mlflow.set_tracking_uri(store.tracking_uri)
     experiment = ensure_experiment("recpipe-allocators", store.root / "mlartifacts")
     with mlflow.start_run(experiment_id=experiment):
-        info = mlflow.pyfunc.log_model(name="allocator", python_model=str(STUB_ALLOCATOR),
-                                       pip_requirements=["mlflow"])
-    version = mlflow.register_model(info.model_uri, "recpipe-allocator").version
+        uri = log_allocator(policy, log.head(5))
+    version = mlflow.register_model(uri, "recpipe-allocator").version
     MlflowClient(store.tracking_uri).set_registered_model_alias(
         "recpipe-allocator", "champion", version)
-    return int(version)
+    return int(version), policy
 
 
 def test_allocator_registered_later_is_loaded_and_decides(switching, body):
     from fastapi.testclient import TestClient
 
+    from models.allocators.data import STATE_FIELDS
+
     store, registry = switching
     watcher = ModelWatcher(store.tracking_uri)
     watcher.load()
-    live = {**body, "candidates": [*body["candidates"],
-                                   {"item_id": 10, "item_type": "live", "author_id": 3}],
-            "context": {**body["context"], "session": {"request_index": 7, "activity_group": 2}}}
+    live_candidate = {"item_id": 10, "item_type": "live", "author_id": 3}
+    live = {**body, "candidates": [*body["candidates"], live_candidate],
+            "context": {**body["context"], "ts": "2026-05-01T14:30:00", "session": SESSION}}
     try:
         with TestClient(create_app(watcher, poll=False)) as client:
             before = client.post("/rank", json=live).json()["allocation"]
             assert before["available"] is False
             assert "no model version behind models:/recpipe-allocator@champion" in before["reason"]
 
-            version = register_stub_allocator(store)
+            version, policy = register_trained_allocator(store)
             assert watcher.refresh() is True  # picked up without a restart
             decided = client.post("/rank", json=live).json()["allocation"]
-            assert decided == {"available": True, "insert": True, "probability": 0.7,
-                               "item_id": 10, "reason": None,
+            state = {**SESSION, "user_id": body["user_id"], "hour": 14,
+                     "candidate_item_id": 10, "candidate_author_id": 3}
+            offline = float(policy({f: np.array([state[f]]) for f in STATE_FIELDS})[0])
+            assert decided["probability"] == pytest.approx(offline, abs=1e-6)
+            assert decided == {"available": True, "insert": offline >= 0.5,
+                               "probability": decided["probability"], "item_id": 10,
+                               "reason": None,
                                "model": {"name": "recpipe-allocator", "version": version}}
-            low = {**live, "context": {**live["context"], "session": {"request_index": 2}}}
-            assert client.post("/rank", json=low).json()["allocation"]["insert"] is False
             no_live = client.post("/rank", json=body).json()["allocation"]
             assert no_live["available"] is True and no_live["insert"] is False
             assert no_live["reason"] == "no live candidate in the request"
-            # the allocator needs request_index: without it the ranking still succeeds
+            # the allocator needs its session state: without it the ranking still succeeds
             missing = client.post("/rank", json={**live, "context": body["context"]})
             assert missing.status_code == 200 and missing.json()["ranked"]
             assert missing.json()["allocation"]["available"] is False
