@@ -26,7 +26,7 @@ from flows.allocation_steps import (
     print_allocator_summary,
 )
 from flows.pretrain_steps import add_pretrain_arguments, cmd_pretrain
-from flows.workspace import Workspace
+from flows.workspace import Workspace, WorkspaceBusyError
 from serving.cli import (
     add_score_arguments,
     add_serve_arguments,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     workspace.configure_environment()
     try:
         summary = args.handler(args, workspace)
-    except UserError as error:
+    except (UserError, WorkspaceBusyError) as error:
         print(f"recpipe {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT
     except ValueError as error:  # IngestError, FeatureBuildError, bad configs

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import allocation_steps, evaluation_steps, steps
@@ -100,53 +100,57 @@ def nightly(
     log's)."""
     logger = get_run_logger()
     workspace = Workspace.from_env(home).create()
-    summary: dict = {"workspace": str(workspace.root)}
-    if input_path is None:
-        if source != "simulator":
-            raise ValueError(f"source {source!r} needs an input_path")
-        out_dir = workspace.raw / f"simulator-seed{seed}-users{users}-days{days}"
-        summary["simulate"] = simulate_task(str(out_dir), users, days, seed)
-        input_path = str(out_dir)
-    summary["ingest"] = ingest_task(source, input_path, str(workspace.root))
-    logger.info("ingest: %s", {k: summary["ingest"][k] for k in
-                               ("input_rows", "accepted", "quarantined", "duplicates")})
-    summary["features"] = features_task(str(workspace.root), history_length)
-    logger.info("examples: %s", summary["features"]["rows"])
-    encoder_uri = None
-    if pretrain_method:
-        summary["pretrain"] = pretrain_task(str(workspace.root), pretrain_method,
-                                            pretrain_steps, seed)
-        encoder_uri = summary["pretrain"]["model_uri"]
-        logger.info("pretrained %s: %s", pretrain_method, summary["pretrain"]["registered"])
-    trained = train_ranker_task(str(workspace.root), arch, epochs, seed,
-                                encoder_uri if ranker_user_encoder else None)
-    summary["train_ranker"] = trained
-    summary["register"] = register_task(str(workspace.root), trained["model_uri"],
-                                        trained["run_id"])
-    create_markdown_artifact(
-        key="nightly-ranker", markdown=metrics_markdown(summary), description="Nightly ranker"
-    )
-    summary["ab"] = ab_task(str(workspace.root), summary["register"]["name"])
-    logger.info("offline A/B: %s", summary["ab"]["message"])
-    create_markdown_artifact(
-        key="nightly-ab", markdown=summary["ab"]["markdown"],
-        description="Offline A/B of the ranker challenger vs champion, and the decision",
-    )
-    if allocator_algo and (Path(input_path) / "allocations.parquet").is_file():
-        allocator = train_allocator_task(str(workspace.root), allocator_algo, input_path, seed,
-                                         allocator_steps, allocator_eval_users)
-        summary["train_allocator"] = allocator
-        if allocator["registered"] is not None:
-            summary["allocator_ab"] = ab_task(str(workspace.root), "recpipe-allocator",
-                                              allocator_eval_users)
-            logger.info("allocator offline A/B: %s", summary["allocator_ab"]["message"])
-            create_markdown_artifact(
-                key="nightly-allocator-ab", markdown=summary["allocator_ab"]["markdown"],
-                description="Offline A/B of the allocator challenger vs champion")
-        else:
-            logger.warning("allocator not registered: %s",
-                           allocator.get("registration_skipped"))
-    return summary
+    # one night at a time per workspace: two runs would interleave writes to the lake and
+    # the registry; the second one stops here and says who holds the workspace
+    with workspace.exclusive_run(f"recpipe-nightly flow run {runtime.flow_run.name} "
+                                 f"({runtime.flow_run.id})"):
+        summary: dict = {"workspace": str(workspace.root)}
+        if input_path is None:
+            if source != "simulator":
+                raise ValueError(f"source {source!r} needs an input_path")
+            out_dir = workspace.raw / f"simulator-seed{seed}-users{users}-days{days}"
+            summary["simulate"] = simulate_task(str(out_dir), users, days, seed)
+            input_path = str(out_dir)
+        summary["ingest"] = ingest_task(source, input_path, str(workspace.root))
+        logger.info("ingest: %s", {k: summary["ingest"][k] for k in
+                                   ("input_rows", "accepted", "quarantined", "duplicates")})
+        summary["features"] = features_task(str(workspace.root), history_length)
+        logger.info("examples: %s", summary["features"]["rows"])
+        encoder_uri = None
+        if pretrain_method:
+            summary["pretrain"] = pretrain_task(str(workspace.root), pretrain_method,
+                                                pretrain_steps, seed)
+            encoder_uri = summary["pretrain"]["model_uri"]
+            logger.info("pretrained %s: %s", pretrain_method, summary["pretrain"]["registered"])
+        trained = train_ranker_task(str(workspace.root), arch, epochs, seed,
+                                    encoder_uri if ranker_user_encoder else None)
+        summary["train_ranker"] = trained
+        summary["register"] = register_task(str(workspace.root), trained["model_uri"],
+                                            trained["run_id"])
+        create_markdown_artifact(
+            key="nightly-ranker", markdown=metrics_markdown(summary), description="Nightly ranker"
+        )
+        summary["ab"] = ab_task(str(workspace.root), summary["register"]["name"])
+        logger.info("offline A/B: %s", summary["ab"]["message"])
+        create_markdown_artifact(
+            key="nightly-ab", markdown=summary["ab"]["markdown"],
+            description="Offline A/B of the ranker challenger vs champion, and the decision",
+        )
+        if allocator_algo and (Path(input_path) / "allocations.parquet").is_file():
+            allocator = train_allocator_task(str(workspace.root), allocator_algo, input_path, seed,
+                                             allocator_steps, allocator_eval_users)
+            summary["train_allocator"] = allocator
+            if allocator["registered"] is not None:
+                summary["allocator_ab"] = ab_task(str(workspace.root), "recpipe-allocator",
+                                                  allocator_eval_users)
+                logger.info("allocator offline A/B: %s", summary["allocator_ab"]["message"])
+                create_markdown_artifact(
+                    key="nightly-allocator-ab", markdown=summary["allocator_ab"]["markdown"],
+                    description="Offline A/B of the allocator challenger vs champion")
+            else:
+                logger.warning("allocator not registered: %s",
+                               allocator.get("registration_skipped"))
+        return summary
 
 
 def metrics_markdown(summary: dict) -> str:

@@ -7,11 +7,20 @@ simulator output per night).
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOME = "workspace"
+
+
+class WorkspaceBusyError(RuntimeError):
+    """Another process holds the workspace's run lock (say, a nightly run already going)."""
 
 
 @dataclass(frozen=True)
@@ -73,3 +82,32 @@ class Workspace:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
         os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")
+
+    @property
+    def run_lock(self) -> Path:
+        return self.root / "run.lock"
+
+    @contextmanager
+    def exclusive_run(self, what: str) -> Iterator[None]:
+        """Hold the workspace's run lock while ``what`` runs, or raise WorkspaceBusyError
+        naming the holder. An OS lock (``flock``) on ``run.lock``: the kernel releases it
+        when its process ends, so a killed run leaves no stale lock behind."""
+        self.create()
+        handle = self.run_lock.open("a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise WorkspaceBusyError(
+                    f"workspace {self.root} is busy: {holder} holds {self.run_lock}; wait for it "
+                    "to finish (or stop it) and start again") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"what": what, "pid": os.getpid(),
+                                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # closing the file releases the lock

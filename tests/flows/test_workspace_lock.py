@@ -1,0 +1,62 @@
+"""One nightly run per workspace: a second one started meanwhile stops with a clear message
+and touches nothing; a run that was killed leaves no stale lock behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.cli import USER_ERROR_EXIT, main
+from flows.workspace import Workspace, WorkspaceBusyError
+
+HOLD = """
+import sys, time
+from flows.workspace import Workspace
+with Workspace.from_env(sys.argv[1]).exclusive_run("a test holder"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding the workspace's run lock."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "ws")],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_a_second_nightly_run_stops_naming_the_holder_and_writes_nothing(
+        holder, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = tmp_path / "ws"
+    code = main(["nightly", "--home", str(home), "--users", "30", "--days", "2"])
+    assert code == USER_ERROR_EXIT
+    error = capsys.readouterr().err
+    assert "is busy" in error and "a test holder" in error and f"{holder.pid}" in error
+    assert not any(Workspace(home).raw.iterdir())  # nothing simulated
+    assert not any(Workspace(home).lake.iterdir())  # nothing ingested
+
+
+def test_a_killed_run_releases_the_workspace(holder, tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    with pytest.raises(WorkspaceBusyError, match="a test holder"), \
+            workspace.exclusive_run("second"):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    deadline = time.monotonic() + 10
+    while True:  # the kernel drops the lock with the process
+        try:
+            with workspace.exclusive_run("after the kill"):
+                break
+        except WorkspaceBusyError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
