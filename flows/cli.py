@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=512)
     train.add_argument("--lr", type=float, default=3e-3, help="learning rate")
     train.add_argument("--no-register", action="store_true", help="log the run only")
+    train.add_argument("--history-pooling", choices=["attention", "mean"], default="attention",
+                       help="behaviour history by target attention (default) or its mean")
     train.add_argument("--loss-weighting", choices=["fixed", "uncertainty"], default="fixed",
                        help="combine task losses with fixed weights or learned uncertainty")
     train.add_argument("--task-weights", type=parse_task_weights,
@@ -250,7 +252,7 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
     if not (workspace.examples / "train.parquet").exists():
         raise UserError(f"no examples in {workspace.examples}; run `recpipe features` first")
     job = RankerJob(
-        ranker={"arch": args.arch},
+        ranker={"arch": args.arch, "inputs": {"history_pooling": args.history_pooling}},
         train={"epochs": args.epochs, "batch_size": args.batch_size,
                "learning_rate": args.lr, "seed": args.seed,
                "loss_weighting": args.loss_weighting, "task_weights": args.task_weights or {}},

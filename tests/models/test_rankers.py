@@ -132,3 +132,35 @@ def test_mmoe_state_dict_keys_are_unchanged(arrays):
     keys = set(build_ranker(schema, RankerConfig(arch="mmoe", expert_hidden=(8, 4))).state_dict())
     assert {"experts.0.0.weight", "experts.0.2.bias", "gates.0.logits.weight",
             "towers.0.out.weight"} <= keys
+
+
+def test_mean_pooled_history_is_the_mean_of_item_and_behaviour_embeddings(arrays):
+    from features.schema import SEQUENCE_BEHAVIOR_FEATURE, SEQUENCE_ITEM_FEATURE
+    from models.inputs import InputConfig
+
+    data, schema = arrays
+    model = small_model(schema, "mmoe", inputs=InputConfig(history_pooling="mean"))
+    assert model.encoder.attention is None
+    rows = np.arange(40)
+    batch = data.batch(rows)
+    target, history = model.encoder.mean_history(batch)
+    tables = model.encoder.sequence.embedding_bags
+    item_table, behaviour_table = tables["t_item"].weight, tables["t_behavior"].weight
+    torch.testing.assert_close(target, item_table[torch.from_numpy(data.target_item[rows])])
+    for i, row in enumerate(rows):
+        start, end = data.hist_offsets[row], data.hist_offsets[row + 1]
+        items = data.hist_values[SEQUENCE_ITEM_FEATURE][start:end]
+        behaviours = data.hist_values[SEQUENCE_BEHAVIOR_FEATURE][start:end]
+        expected = (item_table[torch.from_numpy(items)].mean(0)
+                    + behaviour_table[torch.from_numpy(behaviours)].mean(0)
+                    if end > start else torch.zeros(item_table.shape[1]))
+        torch.testing.assert_close(history[i], expected)
+    assert any(data.hist_offsets[r] == data.hist_offsets[r + 1] for r in rows)  # empty ones too
+    assert model(batch).shape == (40, len(schema.tasks))
+
+
+def test_an_unknown_history_pooling_is_refused():
+    from models.inputs import InputConfig
+
+    with pytest.raises(ValueError, match="history_pooling must be one of"):
+        InputConfig(history_pooling="max")
