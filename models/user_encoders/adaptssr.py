@@ -112,8 +112,11 @@ def adaptssr_loss(
 
     anchor_v, positive_v (B, D): two dropout passes of explicit view v (any scale; they are
     L2-normalised here). Returns (loss, diagnostics): ordering accuracies ``acc_pos_semi``
-    (s_pos > s_semi) and ``acc_semi_neg`` (s_semi > s_neg), mean ``lambda`` and mean
-    similarities.
+    (s_pos > s_semi) and ``acc_semi_neg`` (s_semi > s_neg), mean ``lambda``, mean
+    similarities and ``sim_hard_neg``, the mean of each anchor's hardest negative. Watch
+    the last one: while it exceeds ``sim_semi`` most margins are negative, the loss sits
+    above log 2, and collapsing every user onto one direction (all margins 0, loss exactly
+    log 2) is a descent direction; the accuracies stay high through such a collapse.
     """
     a1, p1, a2, p2 = (F.normalize(x, dim=-1) for x in (anchor_1, positive_1, anchor_2,
                                                         positive_2))
@@ -131,6 +134,7 @@ def adaptssr_loss(
             "sim_pos": s_pos.mean().item(),
             "sim_semi": s_semi.mean().item(),
             "sim_neg": s_neg.mean().item(),
+            "sim_hard_neg": s_neg.max(dim=1).values.mean().item(),
         })
     loss = (losses[0] + losses[1]) / 2
     return loss, {name: (stats[0][name] + stats[1][name]) / 2 for name in stats[0]}

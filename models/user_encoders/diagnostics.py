@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 CURVE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loss", ("mip_loss", "cl4srec_loss", "adaptssr_loss")),
     ("ordering accuracy", ("acc_pos_semi", "acc_semi_neg", "cl_accuracy", "mip_accuracy")),
-    ("cosine similarity", ("sim_pos", "sim_semi", "sim_neg")),
+    ("cosine similarity", ("sim_pos", "sim_semi", "sim_neg", "sim_hard_neg")),
     ("fusion coefficient", ("lambda",)),
 )
 """Panels of the training-curve figure and the diagnostics each one draws (when logged)."""
