@@ -163,6 +163,47 @@ def _stacked_experts(experts: Sequence[nn.Module], x: torch.Tensor) -> torch.Ten
     return h.transpose(0, 1)  # (B, E, H)
 
 
+def run_gates(gates: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Several gates on the same input. x (B, F) → (B, K, E).
+
+    Plain :class:`Gate` modules of one shape run as one Linear (their weights concatenated)
+    and one softmax: the same function and parameters in two ops instead of 2K.
+    """
+    first = gates[0]
+    if all(type(g) is Gate and g.logits.weight.shape == first.logits.weight.shape
+           and not g._forward_hooks for g in gates):
+        weight = torch.cat([g.logits.weight for g in gates])  # (K * E, F)
+        bias = torch.cat([g.logits.bias for g in gates])  # (K * E,)
+        logits = torch.addmm(bias, x, weight.T).view(x.shape[0], len(gates), -1)  # (B, K, E)
+        return torch.softmax(logits, dim=-1)
+    return torch.stack([gate(x) for gate in gates], dim=1)
+
+
+def run_towers(towers: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tensor:
+    """Tower k on ``inputs[:, k]`` for every k. inputs (B, K, H) → (B, K).
+
+    Plain :class:`Tower` modules of one shape (Linear + ReLU, no dropout) run stacked: one
+    batched matmul per layer over the K towers instead of K small ones.
+    """
+    layers = [[*tower.mlp, tower.out] for tower in towers]
+    shapes = [[tuple(m.weight.shape) if isinstance(m, nn.Linear) else type(m) for m in tower]
+              for tower in layers]
+    plain = all(type(t) is Tower and not t._forward_hooks for t in towers) and all(
+        isinstance(m, (nn.Linear, nn.ReLU)) for tower in layers for m in tower)
+    if not plain or any(shape != shapes[0] for shape in shapes):
+        return torch.stack([tower(h) for tower, h in zip(towers, inputs.unbind(1),
+                                                         strict=True)], dim=1)
+    h = inputs.transpose(0, 1)  # (K, B, H)
+    for depth, module in enumerate(layers[0]):
+        if isinstance(module, nn.ReLU):
+            h = torch.relu(h)
+            continue
+        weight = torch.stack([tower[depth].weight for tower in layers])  # (K, H_out, H_in)
+        bias = torch.stack([tower[depth].bias for tower in layers]).unsqueeze(1)  # (K, 1, H_out)
+        h = torch.baddbmm(bias, h, weight.transpose(1, 2))  # (K, B, H_out)
+    return h.squeeze(-1).T  # (B, K)
+
+
 def mix_experts(expert_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum. expert_outputs (B, E, H), weights (B, E) → (B, H), or several
     gates at once: weights (B, K, E) → (B, K, H)."""

@@ -42,6 +42,7 @@ from models.blocks import (
     Tower,
     mix_experts,
     run_experts,
+    run_towers,
     scatter_gate_weights,
 )
 from models.inputs import InputEncoder
@@ -163,9 +164,9 @@ class HoME(nn.Module):
         category_experts = {
             cat: run_experts(self.task_category[cat], m) for cat, m in m_category.items()
         }  # (B, C, H) each
-        outputs, weights = [], []
+        task_inputs, weights = [], []  # K × (B, H) tower inputs
         n_columns = len(self.gate_expert_names)
-        for task, tower in zip(self.task_names, self.towers, strict=True):
+        for task in self.task_names:
             m = m_category[self.category_of[task]]  # (B, H)
             own = run_experts(self.task_own[task], m)  # (B, T, H)
             visible = torch.cat([task_global, category_experts[self.category_of[task]], own],
@@ -174,8 +175,8 @@ class HoME(nn.Module):
             h = mix_experts(visible, gate)  # (B, H)
             if self.task_self_gates is not None:
                 h = h + mix_experts(own, self.task_self_gates[task](m))
-            outputs.append(tower(h))
+            task_inputs.append(h)
             weights.append(scatter_gate_weights(gate.detach(), self._gate_columns[task],
                                                 n_columns))
         self.last_gate_weights = torch.stack(weights, dim=1)  # (B, K, E_all)
-        return torch.stack(outputs, dim=1)  # (B, K)
+        return run_towers(self.towers, torch.stack(task_inputs, dim=1))  # (B, K)

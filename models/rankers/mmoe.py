@@ -14,7 +14,7 @@ from torch import nn
 
 from features.schema import ExampleSchema
 from models.batch import RankerBatch
-from models.blocks import Expert, Gate, Tower, mix_experts, run_experts
+from models.blocks import Expert, Gate, Tower, mix_experts, run_experts, run_gates, run_towers
 from models.inputs import InputEncoder
 from models.rankers.config import RankerConfig
 
@@ -50,8 +50,7 @@ class MMoE(nn.Module):
     def forward(self, batch: RankerBatch) -> torch.Tensor:
         x = self.encoder(batch)  # (B, F)
         experts = run_experts(self.experts, x)  # (B, E, H)
-        weights = torch.stack([gate(x) for gate in self.gates], dim=1)  # (B, K, E)
+        weights = run_gates(self.gates, x)  # (B, K, E)
         self.last_gate_weights = weights.detach()
         mixed = mix_experts(experts, weights)  # (B, K, H)
-        outputs = [tower(mixed[:, k]) for k, tower in enumerate(self.towers)]
-        return torch.stack(outputs, dim=1)  # (B, K)
+        return run_towers(self.towers, mixed)  # (B, K)

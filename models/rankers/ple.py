@@ -23,6 +23,7 @@ from models.blocks import (
     Tower,
     mix_experts,
     run_experts,
+    run_towers,
     scatter_gate_weights,
 )
 from models.inputs import InputEncoder
@@ -120,8 +121,7 @@ class PLE(nn.Module):
         for level in self.levels:
             task_inputs, shared, weights = level(task_inputs, shared)
         self.last_gate_weights = weights  # (B, K, E_all)
-        outputs = [tower(h) for tower, h in zip(self.towers, task_inputs, strict=True)]
-        return torch.stack(outputs, dim=1)  # (B, K)
+        return run_towers(self.towers, torch.stack(task_inputs, dim=1))  # (B, K)
 
 
 class CGC(PLE):

@@ -14,7 +14,7 @@ from torch import nn
 
 from features.schema import ExampleSchema
 from models.batch import RankerBatch
-from models.blocks import Expert, Tower
+from models.blocks import Expert, Tower, run_towers
 from models.inputs import InputEncoder
 from models.rankers.config import RankerConfig
 
@@ -40,4 +40,4 @@ class SharedBottom(nn.Module):
 
     def forward(self, batch: RankerBatch) -> torch.Tensor:
         h = self.bottom(self.encoder(batch))  # (B, H)
-        return torch.stack([tower(h) for tower in self.towers], dim=1)  # (B, K)
+        return run_towers(self.towers, h.unsqueeze(1).expand(-1, len(self.towers), -1))  # (B, K)

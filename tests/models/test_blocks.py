@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.blocks import Expert, SelfGate, TargetAttention, mix_experts, run_experts
+from models.blocks import (
+    Expert,
+    Gate,
+    SelfGate,
+    TargetAttention,
+    Tower,
+    mix_experts,
+    run_experts,
+    run_gates,
+    run_towers,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -35,6 +45,26 @@ def test_stacked_experts_equal_expert_by_expert_with_gradients():
     for a, b in zip(torch.autograd.grad(fast.square().sum(), targets),
                     torch.autograd.grad(slow.square().sum(), targets), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_batched_gates_and_towers_equal_one_by_one_with_gradients():
+    torch.manual_seed(0)
+    gates = [Gate(10, 3) for _ in range(4)]
+    towers = [Tower(6, (5, 4)) for _ in range(4)]
+    x = torch.randn(7, 10, requires_grad=True)
+    inputs = torch.randn(7, 4, 6, requires_grad=True)
+    fast = run_gates(gates, x).square().sum() + run_towers(towers, inputs).square().sum()
+    slow = (torch.stack([g(x) for g in gates], dim=1).square().sum()
+            + torch.stack([t(inputs[:, k]) for k, t in enumerate(towers)], dim=1).square().sum())
+    torch.testing.assert_close(fast, slow)
+    targets = [x, inputs, gates[1].logits.weight, towers[2].mlp[2].weight, towers[3].out.bias]
+    for a, b in zip(torch.autograd.grad(fast, targets), torch.autograd.grad(slow, targets),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+    assert run_towers(towers, inputs).shape == (7, 4)
+    dropout = [Tower(6, (5,), dropout=0.5).eval() for _ in range(2)]  # not stackable: a loop
+    torch.testing.assert_close(run_towers(dropout, inputs[:, :2]),
+                               torch.stack([t(inputs[:, k]) for k, t in enumerate(dropout)], 1))
 
 
 def test_hooked_or_normalised_experts_run_one_by_one():
