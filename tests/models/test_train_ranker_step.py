@@ -104,3 +104,25 @@ def test_ground_truth_from_another_simulation_is_refused(simulated, tmp_path):
         load_ground_truth(other, test)
     with pytest.raises(ValueError, match="no ground truth"):
         load_ground_truth(tmp_path / "missing", test)
+
+
+@pytest.mark.integration
+def test_a_diverging_training_stops_clearly_and_logs_no_model(simulated):
+    """A loss that turns non-finite stops the step with TrainingDivergedError; the MLflow run
+    is marked FAILED and carries no model, so nothing can be registered from it."""
+    from models.training import TrainingDivergedError
+
+    workspace, _ = simulated
+    job = RankerJob(ranker={"arch": "mmoe", **SMALL},
+                    train={"epochs": 1, "batch_size": 256, "learning_rate": 1e30,
+                           "progress": False})
+    with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
+        train_ranker_step(workspace, job)
+    client = MlflowClient(workspace.tracking_uri)
+    experiment = client.get_experiment_by_name("recpipe-rankers")
+    last = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"],
+                              max_results=1)[0]
+    assert last.info.status == "FAILED"
+    assert not client.search_logged_models([experiment.experiment_id],
+                                           filter_string=f"source_run_id = '{last.info.run_id}'")
+    assert not client.search_registered_models()
