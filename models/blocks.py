@@ -131,20 +131,28 @@ def run_experts(experts: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 def _stackable(experts: Sequence[nn.Module]) -> bool:
-    first = experts[0]
-    if len(experts) < 2 or not isinstance(first, Expert):
-        return False
-    shape = [type(layer) for layer in first]
-    if any(t not in (nn.Linear, nn.ReLU) for t in shape):
-        return False
-    return all(
-        isinstance(e, Expert) and [type(layer) for layer in e] == shape
-        and not e._forward_hooks and not e._forward_pre_hooks
-        and all(a.weight.shape == b.weight.shape for a, b in zip(
-            (m for m in e if isinstance(m, nn.Linear)),
-            (m for m in first if isinstance(m, nn.Linear)), strict=True))
+    return len(experts) >= 2 and all(
+        isinstance(e, Expert) and not e._forward_hooks and not e._forward_pre_hooks
         for e in experts
-    )
+    ) and _same_plain_layers([list(e) for e in experts])
+
+
+def _same_plain_layers(stacks: Sequence[Sequence[nn.Module]]) -> bool:
+    """Every stack is Linear / ReLU layers only, all of the same shapes: they can run
+    batched over the stacks."""
+    def signature(layers: Sequence[nn.Module]) -> list:
+        return [tuple(m.weight.shape) if isinstance(m, nn.Linear) else type(m) for m in layers]
+
+    first = signature(stacks[0])
+    return all(isinstance(m, (nn.Linear, nn.ReLU)) for layers in stacks for m in layers) and all(
+        signature(layers) == first for layers in stacks)
+
+
+def _batched_linear(layer: Sequence[nn.Linear], h: torch.Tensor) -> torch.Tensor:
+    """Linear k on ``h[k]`` for every k, as one batched matmul. h (K, B, H_in) → (K, B, H_out)."""
+    weight = torch.stack([m.weight for m in layer])  # (K, H_out, H_in)
+    bias = torch.stack([m.bias for m in layer]).unsqueeze(1)  # (K, 1, H_out)
+    return torch.baddbmm(bias, h, weight.transpose(1, 2))
 
 
 def _stacked_experts(experts: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -156,10 +164,7 @@ def _stacked_experts(experts: Sequence[nn.Module], x: torch.Tensor) -> torch.Ten
     h = torch.relu(torch.addmm(bias, x, weight.T))  # (B, E * H1)
     h = h.view(batch, n_experts, -1).transpose(0, 1)  # (E, B, H1)
     for depth in range(1, len(linears[0])):
-        layer = [layers[depth] for layers in linears]
-        weight = torch.stack([m.weight for m in layer])  # (E, H_out, H_in)
-        bias = torch.stack([m.bias for m in layer]).unsqueeze(1)  # (E, 1, H_out)
-        h = torch.relu(torch.baddbmm(bias, h, weight.transpose(1, 2)))  # (E, B, H_out)
+        h = torch.relu(_batched_linear([layers[depth] for layers in linears], h))  # (E, B, H)
     return h.transpose(0, 1)  # (B, E, H)
 
 
@@ -186,21 +191,16 @@ def run_towers(towers: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tenso
     batched matmul per layer over the K towers instead of K small ones.
     """
     layers = [[*tower.mlp, tower.out] for tower in towers]
-    shapes = [[tuple(m.weight.shape) if isinstance(m, nn.Linear) else type(m) for m in tower]
-              for tower in layers]
-    plain = all(type(t) is Tower and not t._forward_hooks for t in towers) and all(
-        isinstance(m, (nn.Linear, nn.ReLU)) for tower in layers for m in tower)
-    if not plain or any(shape != shapes[0] for shape in shapes):
+    if not (all(type(t) is Tower and not t._forward_hooks for t in towers)
+            and _same_plain_layers(layers)):
         return torch.stack([tower(h) for tower, h in zip(towers, inputs.unbind(1),
                                                          strict=True)], dim=1)
     h = inputs.transpose(0, 1)  # (K, B, H)
     for depth, module in enumerate(layers[0]):
         if isinstance(module, nn.ReLU):
             h = torch.relu(h)
-            continue
-        weight = torch.stack([tower[depth].weight for tower in layers])  # (K, H_out, H_in)
-        bias = torch.stack([tower[depth].bias for tower in layers]).unsqueeze(1)  # (K, 1, H_out)
-        h = torch.baddbmm(bias, h, weight.transpose(1, 2))  # (K, B, H_out)
+        else:
+            h = _batched_linear([tower[depth] for tower in layers], h)  # (K, B, H_out)
     return h.squeeze(-1).T  # (B, K)
 
 

@@ -173,12 +173,18 @@ def episode_links(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return next_index, ~same_next
 
 
+def at_request_cap(request_index: np.ndarray, max_requests_per_session: int) -> np.ndarray:
+    """(N,) bool: the request is the session's last allowed one, where ending is no early
+    exit."""
+    return np.asarray(request_index) >= max_requests_per_session - 1
+
+
 def reward_parts(frame: pl.DataFrame, max_requests_per_session: int) -> dict[str, np.ndarray]:
     """Per-row reward ingredients (N,): ``watch`` (v + l seconds), ``early_exit`` (0/1) and
     ``returned_at_end`` (next_day_return on the session's last logged step, else 0)."""
     _, done = episode_links(frame)
     ended = frame["session_end"].to_numpy() == 1
-    at_cap = frame["request_index"].to_numpy() >= max_requests_per_session - 1
+    at_cap = at_request_cap(frame["request_index"].to_numpy(), max_requests_per_session)
     returned = frame["next_day_return"].to_numpy() == 1
     return {
         "watch": (frame["video_watch_time_s"] + frame["live_watch_time_s"]).to_numpy(),
@@ -409,5 +415,6 @@ def build_dataset(frame: pl.DataFrame, featurizer: AllocationFeaturizer,
         p_insert=frame["p_insert"].to_numpy(), reward=request_rewards(frame, reward),
         parts=reward_parts(frame, reward.max_requests_per_session),
         next_index=next_index, done=done, targets=targets,
-        at_cap=frame["request_index"].to_numpy() >= reward.max_requests_per_session - 1,
+        at_cap=at_request_cap(frame["request_index"].to_numpy(),
+                              reward.max_requests_per_session),
     )

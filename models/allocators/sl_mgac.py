@@ -69,6 +69,7 @@ from models.allocators.data import (
     AllocationFeaturizer,
     RewardConfig,
     StateInputs,
+    at_request_cap,
     build_dataset,
     discounted_returns,
     state_columns,
@@ -576,8 +577,9 @@ class SLMGACPolicy:
             return {"p_insert": empty, "q_skip": empty, "q_insert": empty, "group": empty}
         group = torch.tensor(x.group)  # a copy: state arrays may be read-only
         h = self.model.embed(x)
-        cap = self.config.reward.max_requests_per_session - 1
-        early = torch.from_numpy(state_columns(state)["request_index"] < cap).float()
+        early = torch.from_numpy(~at_request_cap(state_columns(state)["request_index"],
+                                                 self.config.reward.max_requests_per_session))
+        early = early.float()  # (B,)
         q = action_values(self.model, h, group, early, self.config).mean(dim=1)
         q = q.numpy().astype(np.float64)  # (B, 2)
         p = torch.sigmoid(self.model.insert_logit(h, group)).numpy().astype(np.float64)
