@@ -110,31 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     night = command("nightly", cmd_nightly,
                     "one nightly Prefect flow run: simulate, ingest, features, pretrain, "
                     "train and A/B the ranker and the allocator, register, promote")
-    add_simulation_options(night)
-    night.add_argument("--source", choices=["canonical", "simulator", "kuairand"],
-                       default="simulator")
-    night.add_argument("--input", type=Path, help="raw logs to ingest (default: simulate)")
-    add_ranker_options(night)
-    add_feature_options(night)
-    night.add_argument("--pretrain-method", choices=["adaptssr", "cl4srec", "mip", "none"],
-                       default="adaptssr", help="user-encoder pretraining (none: skip)")
-    night.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 1000)")
-    night.add_argument("--ranker-user-encoder", action="store_true",
-                       help="give the ranker the night's pretrained encoder (frozen)")
-    night.add_argument("--allocator-algo", choices=[*ALLOCATOR_ALGORITHMS, "none"],
-                       default="sl_mgac",
-                       help="live-stream allocator (simulator logs only; none: skip)")
-    night.add_argument("--allocator-steps", type=int, help="allocator gradient steps")
-    night.add_argument("--allocator-eval-users", type=int,
-                       help="users of the held-out simulator world for true values and A/B")
+    add_nightly_options(night)
 
     sched = command("schedule", cmd_schedule,
                     "serve the nightly deployment on a real Prefect server, on a cron schedule")
     sched.add_argument("--cron", default="0 2 * * *", help='cron expression (default "0 2 * * *")')
     sched.add_argument("--timezone", default="UTC", help="IANA timezone of the cron")
     sched.add_argument("--port", type=int, default=4200, help="Prefect server port")
-    add_simulation_options(sched)
-    add_ranker_options(sched)
+    add_nightly_options(sched)
 
     ope = command("ope", cmd_ope,
                   "off-policy estimates of a policy's value from logged bandit feedback")
@@ -190,6 +173,45 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--prefect-port", type=int, default=4200)
     return parser
+
+
+def add_nightly_options(parser: argparse.ArgumentParser) -> None:
+    """The nightly flow's parameters (``recpipe nightly`` and the scheduled deployment)."""
+    add_simulation_options(parser)
+    parser.add_argument("--source", choices=["canonical", "simulator", "kuairand"],
+                        default="simulator")
+    parser.add_argument("--input", type=Path, help="raw logs to ingest (default: simulate)")
+    add_ranker_options(parser)
+    add_feature_options(parser)
+    parser.add_argument("--pretrain-method", choices=["adaptssr", "cl4srec", "mip", "none"],
+                        default="adaptssr", help="user-encoder pretraining (none: skip)")
+    parser.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 1000)")
+    parser.add_argument("--ranker-user-encoder", action="store_true",
+                        help="give the ranker the night's pretrained encoder (frozen)")
+    parser.add_argument("--allocator-algo", choices=[*ALLOCATOR_ALGORITHMS, "none"],
+                        default="sl_mgac",
+                        help="live-stream allocator (simulator logs only; none: skip)")
+    parser.add_argument("--allocator-steps", type=int, help="allocator gradient steps")
+    parser.add_argument("--allocator-eval-users", type=int,
+                        help="users of the held-out simulator world for true values and A/B")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rerun every task (default: reuse the tasks whose parameters and "
+                             "inputs are unchanged, e.g. to resume a killed run)")
+
+
+def nightly_parameters(args: argparse.Namespace, workspace: Workspace) -> dict:
+    """``add_nightly_options`` arguments as the nightly flow's parameters."""
+    return {
+        "home": str(workspace.root), "source": args.source,
+        "input_path": str(args.input.resolve()) if args.input else None,
+        "users": args.users, "days": args.days, "seed": args.seed, "arch": args.arch,
+        "epochs": args.epochs, "history_length": args.history_length,
+        "pretrain_method": None if args.pretrain_method == "none" else args.pretrain_method,
+        "pretrain_steps": args.pretrain_steps, "ranker_user_encoder": args.ranker_user_encoder,
+        "allocator_algo": None if args.allocator_algo == "none" else args.allocator_algo,
+        "allocator_steps": args.allocator_steps,
+        "allocator_eval_users": args.allocator_eval_users, "fresh": args.fresh,
+    }
 
 
 def add_simulation_options(parser: argparse.ArgumentParser) -> None:
@@ -271,16 +293,10 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
 def cmd_nightly(args: argparse.Namespace, workspace: Workspace) -> dict:
     from flows.nightly import nightly
 
-    summary = nightly(
-        home=str(workspace.root), source=args.source,
-        input_path=str(args.input) if args.input else None,
-        users=args.users, days=args.days, seed=args.seed, arch=args.arch, epochs=args.epochs,
-        history_length=args.history_length,
-        pretrain_method=None if args.pretrain_method == "none" else args.pretrain_method,
-        pretrain_steps=args.pretrain_steps, ranker_user_encoder=args.ranker_user_encoder,
-        allocator_algo=None if args.allocator_algo == "none" else args.allocator_algo,
-        allocator_steps=args.allocator_steps, allocator_eval_users=args.allocator_eval_users,
-    )
+    summary = nightly(**nightly_parameters(args, workspace))
+    reused = [name for name, state in summary["task_states"].items() if state == "Cached"]
+    if reused:
+        print(f"reused (parameters and inputs unchanged; --fresh reruns): {', '.join(reused)}")
     if "pretrain" in summary:
         pre = summary["pretrain"]
         reg = pre["registered"]
@@ -342,7 +358,7 @@ def cmd_ab(args: argparse.Namespace, workspace: Workspace) -> dict:
                                    ("min_improvement", args.min_improvement)) if v is not None}
     if args.n_boot < 20:
         raise UserError(f"--n-boot must be >= 20, got {args.n_boot}")
-    if not workspace.mlflow_db.exists():
+    if workspace.tracking_uri.startswith("sqlite:") and not workspace.mlflow_db.exists():
         raise UserError(f"no MLflow store at {workspace.mlflow_db}; train a model first")
     job = ABJob(model_name=args.model, challenger=args.challenger, champion=args.champion,
                 gates=gates, gate_overrides=overrides, n_boot=args.n_boot, seed=args.seed,
@@ -371,8 +387,7 @@ def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
     nightly.serve(
         name="nightly",
         schedules=[Cron(args.cron, timezone=args.timezone)],
-        parameters={"home": str(workspace.root), "users": args.users, "days": args.days,
-                    "seed": args.seed, "arch": args.arch, "epochs": args.epochs},
+        parameters=nightly_parameters(args, workspace),
     )
     return {"api_url": api_url, "cron": args.cron, "timezone": args.timezone}
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, runtime, task
+from prefect import Task, flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
+from features import lake
 from flows import allocation_steps, evaluation_steps, steps
+from flows.caching import PathsRead, cached, reads_nothing
 from flows.pretrain_steps import pretrain_step
 from flows.workspace import Workspace
 
@@ -67,9 +69,26 @@ def register_task(home: str, model_uri: str, run_id: str) -> dict:
 
 
 @task(name="offline-ab")
-def ab_task(home: str, model_name: str, eval_users: int | None = None) -> dict:
-    job = evaluation_steps.ABJob(model_name=model_name, eval_users=eval_users)
+def ab_task(home: str, model_name: str, challenger_version: int,
+            eval_users: int | None = None) -> dict:
+    job = evaluation_steps.ABJob(model_name=model_name, challenger=str(challenger_version),
+                                 eval_users=eval_users)
     return evaluation_steps.ab_step(Workspace(Path(home)), job)
+
+
+# what each task reads, from its parameters: the content of these paths keys its cache
+
+
+def reads_input_path(params: dict) -> list[Path]:
+    return [Path(params["input_path"])]
+
+
+def reads_lake_events(params: dict) -> list[Path]:
+    return [lake.events_dir(Workspace(Path(params["home"])).lake)]
+
+
+def reads_examples(params: dict) -> list[Path]:
+    return [Workspace(Path(params["home"])).examples]
 
 
 @flow(name="recpipe-nightly", log_prints=True)
@@ -89,6 +108,7 @@ def nightly(
     allocator_algo: str | None = "sl_mgac",
     allocator_steps: int | None = None,
     allocator_eval_users: int | None = None,
+    fresh: bool = False,
 ) -> dict:
     """One night. With no ``input_path`` the built-in simulator provides the logs.
 
@@ -97,52 +117,72 @@ def nightly(
     it is trained only on logs with allocation decisions (a simulator output folder).
     ``allocator_steps`` / ``allocator_eval_users``: gradient steps (default: the algorithm's)
     and users of the held-out simulator world its true value and A/B use (default: the
-    log's)."""
+    log's).
+
+    Every task is cached on its parameters and the content of what it reads
+    (:mod:`flows.caching`): started again after a crash, the run skips the tasks that
+    completed. ``fresh`` reruns every task. ``summary["task_states"]`` says which tasks ran
+    (``Completed``) and which were reused (``Cached``)."""
     logger = get_run_logger()
     workspace = Workspace.from_env(home).create()
     # one night at a time per workspace: two runs would interleave writes to the lake and
     # the registry; the second one stops here and says who holds the workspace
     with workspace.exclusive_run(f"recpipe-nightly flow run {runtime.flow_run.name} "
                                  f"({runtime.flow_run.id})"):
-        summary: dict = {"workspace": str(workspace.root)}
+        states: dict[str, str] = {}
+        summary: dict = {"workspace": str(workspace.root), "task_states": states}
+
+        def run(task: Task, reads: PathsRead, *args: object) -> dict:
+            state = cached(task, workspace, reads, fresh)(*args, return_state=True)
+            states[task.name] = state.name
+            return state.result()
+
+        root = str(workspace.root)
         if input_path is None:
             if source != "simulator":
                 raise ValueError(f"source {source!r} needs an input_path")
             out_dir = workspace.raw / f"simulator-seed{seed}-users{users}-days{days}"
-            summary["simulate"] = simulate_task(str(out_dir), users, days, seed)
+            summary["simulate"] = run(simulate_task, reads_nothing, str(out_dir), users, days,
+                                      seed)
             input_path = str(out_dir)
-        summary["ingest"] = ingest_task(source, input_path, str(workspace.root))
+        summary["ingest"] = run(ingest_task, reads_input_path, source,
+                                input_path, root)
         logger.info("ingest: %s", {k: summary["ingest"][k] for k in
                                    ("input_rows", "accepted", "quarantined", "duplicates")})
-        summary["features"] = features_task(str(workspace.root), history_length)
+        summary["features"] = run(features_task, reads_lake_events, root,
+                                  history_length)
         logger.info("examples: %s", summary["features"]["rows"])
         encoder_uri = None
         if pretrain_method:
-            summary["pretrain"] = pretrain_task(str(workspace.root), pretrain_method,
-                                                pretrain_steps, seed)
+            summary["pretrain"] = run(pretrain_task, reads_examples, root, pretrain_method,
+                                      pretrain_steps, seed)
             encoder_uri = summary["pretrain"]["model_uri"]
             logger.info("pretrained %s: %s", pretrain_method, summary["pretrain"]["registered"])
-        trained = train_ranker_task(str(workspace.root), arch, epochs, seed,
-                                    encoder_uri if ranker_user_encoder else None)
+        trained = run(train_ranker_task, reads_examples, root, arch, epochs, seed,
+                      encoder_uri if ranker_user_encoder else None)
         summary["train_ranker"] = trained
-        summary["register"] = register_task(str(workspace.root), trained["model_uri"],
-                                            trained["run_id"])
+        summary["register"] = run(register_task, reads_nothing, root, trained["model_uri"],
+                                  trained["run_id"])
         create_markdown_artifact(
             key="nightly-ranker", markdown=metrics_markdown(summary), description="Nightly ranker"
         )
-        summary["ab"] = ab_task(str(workspace.root), summary["register"]["name"])
+        summary["ab"] = run(ab_task, reads_nothing, root, summary["register"]["name"],
+                            summary["register"]["version"])
         logger.info("offline A/B: %s", summary["ab"]["message"])
         create_markdown_artifact(
             key="nightly-ab", markdown=summary["ab"]["markdown"],
             description="Offline A/B of the ranker challenger vs champion, and the decision",
         )
         if allocator_algo and (Path(input_path) / "allocations.parquet").is_file():
-            allocator = train_allocator_task(str(workspace.root), allocator_algo, input_path, seed,
-                                             allocator_steps, allocator_eval_users)
+            allocator = run(train_allocator_task, reads_input_path, root,
+                            allocator_algo, input_path, seed, allocator_steps,
+                            allocator_eval_users)
             summary["train_allocator"] = allocator
             if allocator["registered"] is not None:
-                summary["allocator_ab"] = ab_task(str(workspace.root), "recpipe-allocator",
-                                                  allocator_eval_users)
+                summary["allocator_ab"] = run(
+                    ab_task.with_options(name="offline-ab-allocator"), reads_nothing, root,
+                    "recpipe-allocator", allocator["registered"]["version"],
+                    allocator_eval_users)
                 logger.info("allocator offline A/B: %s", summary["allocator_ab"]["message"])
                 create_markdown_artifact(
                     key="nightly-allocator-ab", markdown=summary["allocator_ab"]["markdown"],
@@ -150,6 +190,9 @@ def nightly(
             else:
                 logger.warning("allocator not registered: %s",
                                allocator.get("registration_skipped"))
+        reused = [name for name, state in states.items() if state == "Cached"]
+        if reused:
+            logger.info("reused from the task cache (inputs unchanged): %s", ", ".join(reused))
         return summary
 
 

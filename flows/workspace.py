@@ -1,8 +1,8 @@
 """The workspace: one folder that every command reads and writes (``RECPIPE_HOME``).
 
 Layout: ``lake/`` (events and examples), ``quarantine/``, ``mlflow.db`` (MLflow tracking,
-SQLite), ``mlartifacts/`` (MLflow artifacts), ``prefect/`` (PREFECT_HOME), ``runs/`` (raw
-simulator output per night).
+SQLite), ``mlartifacts/`` (MLflow artifacts), ``prefect/`` (PREFECT_HOME; ``prefect/cache``
+holds the nightly's task cache), ``raw/`` (raw simulator output per night).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOME = "workspace"
+TRACKING_URI_ENV = "RECPIPE_TRACKING_URI"
+"""Set it (e.g. ``http://mlflow.internal:5000``) to use a shared MLflow tracking server and
+registry instead of the workspace's SQLite file."""
 
 
 class WorkspaceBusyError(RuntimeError):
@@ -57,7 +60,8 @@ class Workspace:
 
     @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{self.mlflow_db}"
+        """``$RECPIPE_TRACKING_URI`` when set (a shared server), else the workspace's SQLite."""
+        return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{self.mlflow_db}"
 
     @property
     def artifacts(self) -> Path:
@@ -66,6 +70,11 @@ class Workspace:
     @property
     def prefect_home(self) -> Path:
         return self.root / "prefect"
+
+    @property
+    def cache(self) -> Path:
+        """Prefect task results and cache records of the nightly flow (flows.caching)."""
+        return self.prefect_home / "cache"
 
     def create(self) -> Workspace:
         """Create the folders (idempotent) and return self."""

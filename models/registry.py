@@ -38,11 +38,13 @@ RUNTIME_PACKAGES = ("torch", "torchrec", "fbgemm-gpu-cpu", "polars", "pyarrow", 
 
 
 def ensure_experiment(name: str, artifact_root: Path) -> str:
-    """Create (or reuse) an experiment whose artifacts live under ``artifact_root``."""
+    """Create (or reuse) an experiment whose artifacts live under ``artifact_root``; on a
+    tracking server (an http(s) URI) the server chooses and serves the artifact location."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = (artifact_root / name).resolve().as_uri()
+    on_server = mlflow.get_tracking_uri().startswith(("http://", "https://"))
+    location = None if on_server else (artifact_root / name).resolve().as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
 

@@ -1,0 +1,82 @@
+"""Resuming a nightly run: Prefect task caching keyed on what each task reads.
+
+A task's cache key hashes its name, its parameters and the content (SHA-256) of every file
+under the paths it reads (:class:`ReadsFiles`). A run killed mid-way and started again with
+the same parameters finds the records of the tasks that completed and skips them (their
+state is ``Cached``: no second training, no second registered version); a task whose inputs
+changed (new logs, a rebuilt lake) runs again, and so does everything downstream of it,
+because its outputs are the next task's inputs.
+
+Records and results live in the workspace (``prefect/cache``), so deleting a workspace
+deletes its cache. Content, not modification times, is hashed: a deterministic step rerun
+(e.g. the simulator with the same seed) rewrites identical bytes and keeps the keys below
+it valid. ``fresh=True`` ignores the records and overwrites them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+from prefect.cache_policies import CachePolicy
+
+from flows.workspace import Workspace
+
+PathsRead = Callable[[dict[str, Any]], Iterable[Path]]
+"""Task parameters -> the files or folders the task reads."""
+
+_CHUNK = 1 << 20
+
+
+def reads_nothing(_: dict[str, Any]) -> Iterable[Path]:
+    return ()
+
+
+@dataclass
+class ReadsFiles(CachePolicy):
+    """Cache key = task name + parameters + content of the files under ``reads(parameters)``."""
+
+    reads: PathsRead = reads_nothing
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any],
+                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        digest = hashlib.sha256(task_ctx.task.name.encode())
+        digest.update(json.dumps(inputs, sort_keys=True, default=str).encode())
+        for root in self.reads(inputs):
+            digest.update(fingerprint(Path(root)).encode())
+        return digest.hexdigest()
+
+
+def fingerprint(root: Path) -> str:
+    """SHA-256 over the relative names and bytes of every file under ``root`` (or of the file
+    ``root``); names starting with "." (staging folders, locks) are skipped. "missing" when
+    ``root`` does not exist."""
+    if not root.exists():
+        return f"{root}:missing"
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root) if path != root else path.name).encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    return f"{root}:{digest.hexdigest()}"
+
+
+def cached(task: Task, workspace: Workspace, reads: PathsRead = reads_nothing,
+           fresh: bool = False) -> Task:
+    """``task`` with its results persisted in ``workspace`` and cached by :class:`ReadsFiles`;
+    ``fresh`` runs it regardless of a record (and replaces the record)."""
+    return task.with_options(
+        cache_policy=ReadsFiles(reads=reads),
+        result_storage=workspace.cache,
+        persist_result=True,
+        refresh_cache=fresh,
+    )

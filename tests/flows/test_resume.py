@@ -1,0 +1,126 @@
+"""A nightly run killed mid-way and started again resumes from its completed tasks (Prefect
+caching keyed on the content of what each task reads) and ends where an uninterrupted run
+ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from flows.caching import ReadsFiles, fingerprint
+from flows.workspace import Workspace
+
+TINY_NIGHT = {"users": 120, "days": 4, "seed": 3, "epochs": 1, "pretrain_method": None,
+              "allocator_algo": None}
+TINY_NIGHT_ARGS = ["--users", "120", "--days", "4", "--seed", "3", "--epochs", "1",
+                   "--pretrain-method", "none", "--allocator-algo", "none"]
+COMPLETED_BEFORE_KILL = 4
+"""simulate, ingest, features, train-ranker: the run is killed once their results exist."""
+
+
+def test_fingerprint_follows_content_not_modification_time(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.parquet").write_bytes(b"one")
+    (folder / ".staging-x").mkdir()
+    first = fingerprint(folder)
+    os.utime(folder / "a.parquet", (0, 0))
+    (folder / ".staging-x" / "half.parquet").write_bytes(b"ignored")
+    assert fingerprint(folder) == first
+    (folder / "a.parquet").write_bytes(b"two")
+    assert fingerprint(folder) != first
+    assert fingerprint(tmp_path / "absent").endswith(":missing")
+
+
+def test_cache_key_changes_with_parameters_and_with_what_the_task_reads(tmp_path):
+    class Ctx:
+        class task:  # noqa: N801 - stands for TaskRunContext.task
+            name = "features"
+
+    data = tmp_path / "events.parquet"
+    data.write_bytes(b"v1")
+    policy = ReadsFiles(reads=lambda params: [Path(params["path"])])
+
+    def key(path: Path, history: int) -> str | None:
+        return policy.compute_key(Ctx, {"path": str(path), "history": history}, {})
+
+    base = key(data, 20)
+    assert key(data, 20) == base
+    assert key(data, 30) != base
+    data.write_bytes(b"v2")
+    assert key(data, 20) != base
+
+
+def wait_for_results(cache: Path, count: int, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cache.is_dir() and sum(1 for p in cache.iterdir() if p.is_file()) >= count:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the nightly ended (status {process.returncode}) before it was killed")
+        time.sleep(0.2)
+    pytest.fail(f"no {count} task results in {cache} within {timeout_s:.0f} s")
+
+
+@pytest.mark.integration
+def test_a_killed_nightly_resumes_from_completed_tasks_and_ends_like_an_uninterrupted_one(
+        tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.nightly import nightly
+
+    killed = Workspace(tmp_path / "killed")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "nightly", "--home", str(killed.root),
+         *TINY_NIGHT_ARGS],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_results(killed.cache, COMPLETED_BEFORE_KILL, process, timeout_s=300)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the run and its ephemeral Prefect server
+        process.wait()
+
+    mlflow.set_tracking_uri(killed.tracking_uri)
+    ranker_runs_before = len(mlflow.search_runs(experiment_names=["recpipe-rankers"]))
+    assert ranker_runs_before == 1
+    with prefect_test_harness(server_startup_timeout=90):
+        resumed = nightly(home=str(killed.root), **TINY_NIGHT)
+        reference = nightly(home=str(tmp_path / "reference"), **TINY_NIGHT)
+
+    states = resumed["task_states"]
+    for name in ("simulate", "ingest", "features", "train-ranker"):
+        assert states[name] == "Cached", states
+    assert reference["task_states"]["train-ranker"] == "Completed"
+    mlflow.set_tracking_uri(killed.tracking_uri)
+    assert len(mlflow.search_runs(experiment_names=["recpipe-rankers"])) == ranker_runs_before
+    versions = MlflowClient().search_model_versions("name='recpipe-ranker'")
+    assert [int(v.version) for v in versions] == [1]  # registered once, killed or not
+    assert resumed["register"]["version"] == 1
+    assert set(resumed["register"]["aliases"]) == {"challenger", "champion"}
+    for key in ("ingest", "features"):
+        assert (without_root(resumed[key], killed.root)
+                == without_root(reference[key], tmp_path / "reference"))
+    assert_same_metrics(resumed["train_ranker"]["metrics"], reference["train_ranker"]["metrics"])
+
+
+def without_root(summary: dict, root: Path) -> str:
+    """The summary as JSON with the workspace root blanked, to compare two workspaces."""
+    return json.dumps(summary, sort_keys=True).replace(str(root), "<workspace>")
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for split in want:
+        for task, values in want[split].items():
+            for name, value in values.items():
+                assert got[split][task][name] == pytest.approx(value, rel=1e-6, nan_ok=True), \
+                    (split, task, name)

@@ -1,0 +1,116 @@
+"""The schedule really fires: `recpipe schedule` with a cron one minute ahead, on a real
+Prefect server, produces a completed nightly flow run at that minute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import prefect_healthy
+from flows.workspace import Workspace
+
+pytestmark = pytest.mark.integration
+
+MIN_LEAD_S = 40
+"""The cron minute is at least this far ahead: time for the deployment to be served."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def next_minute(now: datetime) -> datetime:
+    minute = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    return minute if (minute - now).total_seconds() >= MIN_LEAD_S else minute + timedelta(minutes=1)
+
+
+def nightly_runs(api_url: str) -> list[dict]:
+    body = json.dumps({"deployments": {"name": {"any_": ["nightly"]}}}).encode()
+    request = urllib.request.Request(f"{api_url}/flow_runs/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_until(condition, timeout_s: float, what: str, logs: list[Path]) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2.0)
+    tails = "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
+    pytest.fail(f"{what} within {timeout_s:.0f} s\n{tails}")
+
+
+def test_the_cron_schedule_fires_a_nightly_run_on_a_real_prefect_server(tmp_path):
+    workspace = Workspace(tmp_path / "ws").create()
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api_url,
+           # the scheduler service looks for due schedules every 5 s instead of every 60 s
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+    server_log, schedule_log = tmp_path / "server.log", tmp_path / "schedule.log"
+    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                    "--port", str(port)], server_log, env)
+    schedule = None
+    try:
+        wait_until(lambda: prefect_healthy(api_url), 120, "the Prefect server did not start",
+                   [server_log])
+        fire_at = next_minute(datetime.now(UTC))
+        schedule = start(
+            [sys.executable, "-m", "flows.cli", "schedule", "--home", str(workspace.root),
+             "--cron", f"{fire_at.minute} {fire_at.hour} * * *", "--timezone", "UTC",
+             "--users", "80", "--days", "3", "--epochs", "1", "--pretrain-method", "none",
+             "--allocator-algo", "none"], schedule_log, env)
+
+        def finished_run() -> dict | None:
+            done = [run for run in nightly_runs(api_url)
+                    if run["state"] and run["state"]["type"] in ("COMPLETED", "FAILED",
+                                                                  "CRASHED")]
+            return done[0] if done else None
+
+        wait_s = (fire_at - datetime.now(UTC)).total_seconds() + 240
+        run = wait_until(finished_run, wait_s, "no scheduled nightly run finished",
+                         [schedule_log, server_log])
+    finally:
+        for process in (schedule, server):
+            if process is not None:
+                stop(process)
+
+    assert run["state"]["type"] == "COMPLETED", (run["state"], schedule_log.read_text()[-3000:])
+    expected = datetime.fromisoformat(run["expected_start_time"])
+    assert expected == fire_at, (expected, fire_at)  # fired by the schedule, at its minute
+    assert run["parameters"]["home"] == str(workspace.root)
+    mlflow.set_tracking_uri(workspace.tracking_uri)
+    versions = MlflowClient().search_model_versions("name='recpipe-ranker'")
+    assert [int(v.version) for v in versions] == [1]
