@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from features.build import FeatureConfig, build_examples
 from features.schema import TaskSpec
 from flows.workspace import Workspace
+
+if TYPE_CHECKING:
+    from models.distributed import Rank, ShardingConfig
 
 RANKER_EXPERIMENT = "recpipe-rankers"
 
@@ -78,7 +82,8 @@ class RankerJob:
     """Train the pretrained encoder with the ranker (default: frozen)."""
 
 
-def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dict:
+def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob(),
+                      rank: Rank | None = None, sharding: ShardingConfig | None = None) -> dict:
     """Train a ranker on the workspace examples, evaluate it on valid and test, and log to
     MLflow: params, per-epoch losses / task weights / valid metrics, the final metrics, the
     diagnostics (expert zero activations, gate weights per task, per-task gradient norms at
@@ -87,9 +92,18 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
     model URI, ``metrics`` ``{split: {task: {auc, gauc, logloss, ece, …}}}`` and a diagnostics
     summary. Registers nothing.
 
+    Distributed (``rank`` given: every ``torchrun`` rank calls this, see
+    ``models.distributed``): each rank reads its own shard of ``train.parquet`` and trains the
+    ``DistributedModelParallel`` ranker (tables sharded per ``sharding``); global rank 0 alone
+    reads valid/test, evaluates the gathered, unsharded model, logs the MLflow run and the
+    model, and returns the summary (with a ``distributed`` entry); the other ranks return {}.
+
     The ground truth is checked before training: every example it covers must carry the
     same user and item as the simulator's own ``events.parquet``, else ValueError.
     """
+    import copy
+    from contextlib import nullcontext
+
     import mlflow
     import polars as pl
     import torch
@@ -98,25 +112,38 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
     from features.build import load_schema
     from features.vocab import Vocabulary
     from models.batch import ExampleArrays
+    from models.distributed import (
+        ShardingConfig,
+        full_state_dict,
+        global_label_means,
+        read_shard,
+        shard_ranker,
+    )
     from models.losses import MultiTaskLoss, task_predictions
     from models.rankers import RankerConfig, build_ranker, init_output_bias
     from models.registry import LoadedRanker, ensure_experiment, log_ranker
     from models.training import TrainConfig, fit, predict_outputs
 
+    main = rank is None or rank.is_main
     examples = workspace.examples
     base_schema = load_schema(examples)
     tasks = resolve_tasks(job.tasks, base_schema.tasks)
     schema = replace(base_schema, tasks=tasks)
     ranker_config = RankerConfig.from_dict({**RankerConfig().to_dict(), **job.ranker})
     train_config = TrainConfig(**job.train)
-    frames = {name: with_task_targets(pl.read_parquet(examples / f"{name}.parquet"), tasks,
-                                      base_schema.tasks)
-              for name in ("train", "valid", "test")}
+
+    def read(name: str) -> pl.DataFrame:
+        path = examples / f"{name}.parquet"
+        frame = (read_shard(path, rank.rank, rank.world_size)
+                 if rank is not None and name == "train" else pl.read_parquet(path))
+        return with_task_targets(frame, tasks, base_schema.tasks)
+
+    frames = {name: read(name) for name in (("train", "valid", "test") if main else ("train",))}
     splits = {name: ExampleArrays.from_frame(frame, schema) for name, frame in frames.items()}
     truth = (
         {split: load_ground_truth(Path(job.ground_truth), frames[split])
          for split in ("valid", "test")}
-        if job.ground_truth else None
+        if job.ground_truth and main else None
     )
     vocab = Vocabulary.load(examples / "vocab.json")
     torch.manual_seed(train_config.seed)
@@ -127,10 +154,25 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
         adapter = load_pretrained_user_encoder(job.user_encoder, vocab,
                                                freeze=not job.fine_tune_user_encoder)
     model = build_ranker(schema, ranker_config, user_encoder=adapter)
-    init_output_bias(model, torch.from_numpy(splits["train"].labels))
+    init_output_bias(model, torch.from_numpy(splits["train"].labels) if rank is None
+                     else global_label_means(splits["train"].labels, rank))
     loss_fn = MultiTaskLoss(tasks, train_config.task_weights, train_config.loss_weighting)
     task_names = [task.name for task in tasks]
     predictions: dict[str, np.ndarray] = {}
+    trained, plan = model, None  # what fit() trains: the model itself, or its sharded twin
+    if rank is not None:
+        sharding = sharding or ShardingConfig()
+        model = copy.deepcopy(model)  # plain twin: rank 0 evaluates and logs it
+        trained, plan = shard_ranker(trained, rank, sharding, train_config.embedding_optimizer,
+                                     train_config.learning_rate, train_config.weight_decay)
+        loss_fn.to(rank.device)
+
+    def gather_model() -> None:
+        """Distributed: load the sharded model's full state into the plain twin on rank 0."""
+        if rank is not None:
+            state = full_state_dict(trained, rank)
+            if main:
+                model.load_state_dict(state)
 
     def evaluate(split: str) -> dict[str, dict[str, float]]:
         data = splits[split]
@@ -139,36 +181,60 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
         return task_metrics(predictions[split], data.labels, data.user_ids, tasks)
 
     def log_epoch(epoch: int, losses: dict[str, float]) -> None:
-        mlflow.log_metrics({f"train_{k}": v for k, v in losses.items()}, step=epoch)
-        mlflow.log_metrics(flatten_metrics("valid", evaluate("valid")), step=epoch)
+        gather_model()  # every rank (a collective); the last epoch leaves the twin current
+        if main:
+            mlflow.log_metrics({f"train_{k}": v for k, v in losses.items()}, step=epoch)
+            mlflow.log_metrics(flatten_metrics("valid", evaluate("valid")), step=epoch)
 
-    mlflow.set_tracking_uri(workspace.tracking_uri)
-    experiment_id = ensure_experiment(RANKER_EXPERIMENT, workspace.artifacts)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=ranker_config.arch) as run:
-        mlflow.log_params(flatten_params({"ranker": ranker_config.to_dict(),
-                                          "train": train_config.to_dict()}))
-        mlflow.log_params({f"rows_{k}": len(v) for k, v in splits.items()})
-        mlflow.log_params({"tasks": ",".join(f"{t.name}:{t.kind}" for t in tasks),
-                           "ground_truth": job.ground_truth or "none",
-                           "user_encoder": job.user_encoder or "none",
-                           "user_encoder_fine_tuned": job.fine_tune_user_encoder,
-                           "n_parameters": sum(p.numel() for p in model.parameters())})
-        mlflow.log_dict(json_file(examples / "schema.json"), "examples_schema.json")
-        fit(model, loss_fn, splits["train"], train_config, task_names, log_epoch)
+    rows = {k: len(v) for k, v in splits.items()}
+    if rank is not None:
+        rows["train"] *= rank.world_size  # every rank holds the same number of rows
+        distributed = {**rank.to_dict(), "per_rank_batch": max(1, train_config.batch_size
+                                                                // rank.world_size),
+                       "sharding": sharding.to_dict(), "plan": plan}
+    if main:
+        mlflow.set_tracking_uri(workspace.tracking_uri)
+        experiment_id = ensure_experiment(RANKER_EXPERIMENT, workspace.artifacts)
+    run_context = (mlflow.start_run(experiment_id=experiment_id, run_name=ranker_config.arch)
+                   if main else nullcontext())
+    with run_context as run:
+        if main:
+            mlflow.log_params(flatten_params({"ranker": ranker_config.to_dict(),
+                                              "train": train_config.to_dict()}))
+            mlflow.log_params({f"rows_{k}": v for k, v in rows.items()})
+            mlflow.log_params({"tasks": ",".join(f"{t.name}:{t.kind}" for t in tasks),
+                               "ground_truth": job.ground_truth or "none",
+                               "user_encoder": job.user_encoder or "none",
+                               "user_encoder_fine_tuned": job.fine_tune_user_encoder,
+                               "n_parameters": sum(p.numel() for p in model.parameters()),
+                               "world_size": 1 if rank is None else rank.world_size})
+            mlflow.log_dict(json_file(examples / "schema.json"), "examples_schema.json")
+            if rank is not None:
+                mlflow.log_params({"distributed.backend": rank.backend,
+                                   "distributed.per_rank_batch": distributed["per_rank_batch"],
+                                   "distributed.sharding_types":
+                                       ",".join(sharding.sharding_types)})
+                mlflow.log_params({f"distributed.plan.{table}": spec["sharding_type"]
+                                   for table, spec in plan.items()})
+                mlflow.log_dict(distributed, "distributed.json")
+        fit(trained, loss_fn, splits["train"], train_config, task_names, log_epoch, rank=rank)
+        if not main:
+            return {}
         metrics = {split: evaluate(split) for split in ("valid", "test")}
         if truth is not None:
-            for split, (rows, p_true, coverage) in truth.items():
-                add_oracle_metrics(metrics[split], splits[split], predictions[split], rows,
-                                   p_true, tasks)
+            for split, (rows_covered, p_true, coverage) in truth.items():
+                add_oracle_metrics(metrics[split], splits[split], predictions[split],
+                                   rows_covered, p_true, tasks)
                 mlflow.log_metric(f"{split}_oracle_coverage", coverage)
         for split, values in metrics.items():
             mlflow.log_metrics(flatten_metrics(split, values))
+        loss_fn.cpu()
         diagnostics = log_diagnostics(model, loss_fn, splits, predictions["test"], metrics,
                                       tasks)
         ranker = LoadedRanker(model, ranker_config, schema, vocab,
                               adapter.spec() if adapter is not None else None)
         model_uri = log_ranker(ranker, pl.read_parquet(examples / "test.parquet", n_rows=5))
-    return {
+    summary = {
         "run_id": run.info.run_id,
         "experiment_id": experiment_id,
         "model_uri": model_uri,
@@ -177,6 +243,9 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob()) -> dic
         "metrics": metrics,
         "diagnostics": diagnostics,
     }
+    if rank is not None:
+        summary["distributed"] = distributed
+    return summary
 
 
 def resolve_tasks(requested: tuple[dict, ...], built: tuple[TaskSpec, ...]) -> tuple[TaskSpec, ...]:

@@ -108,8 +108,9 @@ class InputEncoder(nn.Module):
         history = history + seq[SEQUENCE_BEHAVIOR_FEATURE].to_padded_dense(
             desired_length=self.history_length
         )
-        positions = torch.arange(self.history_length).unsqueeze(0)  # (1, T)
-        mask = positions < items.lengths().unsqueeze(1)  # (B, T)
+        lengths = items.lengths()
+        positions = torch.arange(self.history_length, device=lengths.device).unsqueeze(0)  # (1, T)
+        mask = positions < lengths.unsqueeze(1)  # (B, T)
         return target, self.attention(target, history, mask)
 
     def mean_history(self, batch: RankerBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.batch import ExampleArrays
+from models.distributed import (
+    Rank,
+    dense_parameters,
+    embedding_modules,
+    embedding_optimizer_class,
+    embedding_optimizer_kwargs,
+    move_batch,
+)
 from models.losses import MultiTaskLoss
 
 
@@ -41,6 +49,13 @@ class TrainConfig:
     al. 2018: learned per-task log-variances, see ``models.losses``)."""
     progress: bool = True
     """Show a progress bar per epoch."""
+    shuffle: bool = True
+    """Shuffle the training rows every epoch (seeded); False keeps file order (used to check
+    that a distributed run computes what one process computes)."""
+    embedding_optimizer: str = "adam"
+    """Optimiser of the embedding tables: "adam" (like the dense parts), "adagrad",
+    "rowwise_adagrad" or "sgd". Distributed training on CPU needs one that fbgemm's fused CPU
+    kernel implements (not Adam; see ``models.distributed``); the CLI picks "adagrad" there."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,41 +71,60 @@ def fit(
     config: TrainConfig,
     task_names: list[str],
     on_epoch_end: EpochCallback | None = None,
+    rank: Rank | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; returns per-epoch mean losses ``{"loss", "loss_<task>"}`` and
     the effective task weights at the epoch's end ``{"weight_<task>"}``. The loss's own
     parameters (uncertainty weighting) are optimised with the model's.
 
-    Raises TrainingDivergedError at the first non-finite loss.
+    Distributed (``rank`` given, see ``models.distributed``): ``model`` is the
+    ``DistributedModelParallel`` from ``shard_ranker`` (its tables update themselves in the
+    backward pass), ``train`` this rank's shard; each step takes ``batch_size // W`` rows
+    here (global batch ``batch_size``) in an order of its own (seeded by seed, epoch and
+    rank), the logged losses are means over all ranks, and
+    ``on_epoch_end`` runs on every rank (it may call collectives).
+
+    Raises TrainingDivergedError at the first non-finite loss (on every rank at once).
     """
     torch.manual_seed(config.seed)
-    optimiser = torch.optim.Adam(  # fused: one kernel for all parameters (CPU too)
-        [*model.parameters(), *loss_fn.parameters()],
-        lr=config.learning_rate, weight_decay=config.weight_decay, fused=True,
-    )
+    optimisers = make_optimisers(model, loss_fn, config, distributed=rank is not None)
+    world = 1 if rank is None else rank.world_size
+    batch_size = max(1, config.batch_size // world)
+    device = torch.device("cpu") if rank is None else rank.device
+    show = config.progress and (rank is None or rank.is_main)
     history = []
     for epoch in range(config.epochs):
         model.train()
         totals = np.zeros(len(task_names) + 1)
         steps = 0
-        batches = train.batches(config.batch_size, shuffle=True, seed=config.seed + epoch)
-        n_batches = math.ceil(len(train) / config.batch_size)
+        seed = config.seed + epoch + (0 if rank is None else 1_000_003 * rank.rank)
+        batches = train.batches(batch_size, shuffle=config.shuffle, seed=seed)  # own order
+        n_batches = math.ceil(len(train) / batch_size)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not config.progress, leave=False, mininterval=1.0)
+                   disable=not show, leave=False, mininterval=1.0)
         for batch in bar:
+            if rank is not None:
+                batch = move_batch(batch, device)
             loss, per_task = loss_fn(model(batch), batch.labels, batch.label_mask)
-            if not torch.isfinite(loss):
+            value = loss.item() if rank is None else float(rank.all_mean([loss.item()])[0])
+            if not math.isfinite(value):  # all ranks see the same mean: all stop together
                 raise TrainingDivergedError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {steps + 1}; "
+                    f"loss is {value} at epoch {epoch + 1}, step {steps + 1}; "
                     "lower the learning rate or check the labels"
                 )
-            optimiser.zero_grad(set_to_none=True)
+            for optimiser in optimisers:
+                optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            optimiser.step()
-            totals += np.concatenate([[loss.item()], per_task.numpy()])
+            if rank is not None:  # DDP averages the model's gradients, not the loss's
+                rank.average_gradients(loss_fn.parameters())
+            for optimiser in optimisers:
+                optimiser.step()
+            totals += np.concatenate([[loss.item()], per_task.cpu().numpy()])
             steps += 1
             bar.set_postfix(loss=f"{totals[0] / steps:.4f}")
         means = totals / max(steps, 1)
+        if rank is not None:
+            means = rank.all_mean(means)
         record = {"loss": float(means[0])}
         record.update(
             {f"loss_{name}": float(v) for name, v in zip(task_names, means[1:], strict=True)}
@@ -100,6 +134,32 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return history
+
+
+def make_optimisers(model: nn.Module, loss_fn: MultiTaskLoss, config: TrainConfig,
+                    distributed: bool = False) -> list[torch.optim.Optimizer]:
+    """Adam over the dense parameters and the loss's own; the embedding tables get
+    ``config.embedding_optimizer`` (one Adam for everything when that is "adam"). Distributed,
+    the sharded tables are already optimised inside the backward pass (fused kernel), so only
+    the dense Adam is returned."""
+    def adam(params: list) -> torch.optim.Optimizer:  # fused: one kernel for all (CPU too)
+        return torch.optim.Adam(params, lr=config.learning_rate,
+                                weight_decay=config.weight_decay, fused=True)
+
+    extra = list(loss_fn.parameters())
+    if distributed:
+        return [adam([*dense_parameters(model), *extra])]
+    if config.embedding_optimizer == "adam":
+        return [adam([*model.parameters(), *extra])]
+    tables = {id(p) for module in embedding_modules(model).values()
+              for p in module.parameters()}
+    embedding = [p for p in model.parameters() if id(p) in tables]
+    dense = [p for p in model.parameters() if id(p) not in tables]
+    name = config.embedding_optimizer
+    return [adam([*dense, *extra]),
+            embedding_optimizer_class(name)(
+                embedding, **embedding_optimizer_kwargs(name, config.learning_rate,
+                                                        config.weight_decay))]
 
 
 @torch.no_grad()
