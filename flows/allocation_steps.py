@@ -5,6 +5,11 @@ No Prefect here (``flows.nightly`` wraps :func:`train_allocator_step` as a task)
 argument parsing outside :func:`add_train_allocator_arguments` / :func:`cmd_train_allocator`,
 which ``flows.cli`` wires as ``recpipe train-allocator``. Steps take and return paths, URIs
 and JSON-able summaries.
+
+``recpipe train-allocator --algo sl_mgac --nproc N`` runs :func:`train_allocator_step` on N
+``torchrun`` ranks (``flows.torchrun``; README "Distributed training"; how SL-MGAC trains
+sharded: ``models.allocators.sl_mgac``); global rank 0 alone logs, measures the true value,
+and registers. The other algorithms are not TorchRec models and refuse ``--nproc`` > 1.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.workspace import Workspace
 from models.allocators.data import AllocationLogError
-from models.allocators.policy import ALGORITHMS
+from models.allocators.policy import ALGORITHMS, DISTRIBUTED_ALGORITHMS
+
+if TYPE_CHECKING:
+    from models.distributed import Rank, ShardingConfig
 
 ALLOCATOR_EXPERIMENT = "recpipe-allocators"
 TRUE_VALUE_METRICS: tuple[str, ...] = ("session_watch_time", "video_watch_time",
@@ -88,6 +97,8 @@ def train_allocator_step(
     eval_seeds: int = 2,
     eval_users: int | None = None,
     progress: bool = True,
+    rank: Rank | None = None,
+    sharding: ShardingConfig | None = None,
 ) -> dict:
     """Train ``algo`` on an allocation log, log the run and the model to MLflow, and register
     it as ``recpipe-allocator`` (alias challenger; champion if none).
@@ -100,6 +111,10 @@ def train_allocator_step(
         register: register the model (skipped when held-out rollouts show the cap broken).
         eval_seeds: held-out rollouts for the true value (simulator logs only; 0: none).
         eval_users: users per held-out rollout (default: the log's).
+        rank: one of several torchrun ranks (sl_mgac only; every rank calls this): each
+            trains on its share of the sessions with sharded tables (``sharding``); global
+            rank 0 alone logs, evaluates and registers, and returns the summary with a
+            ``distributed`` entry; the other ranks return {}.
 
     Returns:
         run id, model URI, algo, log size, final diagnostics, the config, ``true_value``
@@ -128,22 +143,36 @@ def train_allocator_step(
         "max_requests_per_session", RewardConfig().max_requests_per_session))
     config = config_for(algo, seed, cap, reward, hyperparameters, progress)
 
-    mlflow.set_tracking_uri(workspace.tracking_uri)
-    experiment_id = ensure_experiment(ALLOCATOR_EXPERIMENT, workspace.artifacts)
+    main = rank is None or rank.is_main
+    if main:
+        mlflow.set_tracking_uri(workspace.tracking_uri)
+        experiment_id = ensure_experiment(ALLOCATOR_EXPERIMENT, workspace.artifacts)
     diagnostics: dict[str, float] = {}
 
     def on_log(step: int, stats: dict[str, float]) -> None:
         diagnostics.update(stats)
-        mlflow.log_metrics({f"train_{k}": v for k, v in stats.items()}, step=step)
+        if main:
+            mlflow.log_metrics({f"train_{k}": v for k, v in stats.items()}, step=step)
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{algo}-seed{seed}") as run:
-        mlflow.log_params(flatten_params({"algo": algo, "input": str(source),
-                                          "config": config.to_dict()}))
+    run_context = (mlflow.start_run(experiment_id=experiment_id, run_name=f"{algo}-seed{seed}")
+                   if main else nullcontext())
+    with run_context as run:
         n_sessions = frame["session_id"].n_unique()
-        mlflow.log_params({"log_requests": frame.height, "log_sessions": n_sessions})
+        if main:
+            mlflow.log_params(flatten_params({"algo": algo, "input": str(source),
+                                              "config": config.to_dict()}))
+            mlflow.log_params({"log_requests": frame.height, "log_sessions": n_sessions,
+                               "world_size": 1 if rank is None else rank.world_size})
         started = time.perf_counter()
-        policy = train_policy(algo, frame, config, on_log)
+        policy = train_policy(algo, frame, config, on_log, rank=rank, sharding=sharding)
         train_seconds = time.perf_counter() - started
+        if not main:
+            return {}
+        distributed = getattr(policy, "distributed", None) if rank is not None else None
+        if distributed is not None:
+            from flows.torchrun import log_distributed
+
+            log_distributed(distributed)
         share_on_log = live_share(policy(frame))
         mlflow.log_metrics({"train_seconds": train_seconds, "share_on_log_states": share_on_log})
         model_uri = log_allocator(policy, frame.head(5))
@@ -154,6 +183,8 @@ def train_allocator_step(
             "share_on_log_states": share_on_log, "train_seconds": round(train_seconds, 2),
             "diagnostics": diagnostics, "config": config.to_dict(),
         }
+        if distributed is not None:
+            summary["distributed"] = distributed
         if manifest and eval_seeds > 0:
             configs = held_out_configs(manifest, eval_seeds, eval_users)
             values = {"policy": true_value(policy, configs), "logging": true_value(None, configs)}
@@ -212,19 +243,62 @@ def add_train_allocator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-users", type=int,
                         help="users per held-out rollout (default: the log's)")
     parser.add_argument("--no-register", action="store_true", help="log the run only")
+    from flows.torchrun import add_distributed_arguments
+
+    add_distributed_arguments(parser, "train-allocator")
 
 
 def cmd_train_allocator(args: argparse.Namespace, workspace: Workspace) -> dict:
-    """``recpipe train-allocator``: train, report, register; returns the JSON summary."""
+    """``recpipe train-allocator``: train (``--nproc N``: on N torchrun ranks, sl_mgac only),
+    report, register; returns the JSON summary."""
+    from flows.cli import UserError
+    from flows.torchrun import (
+        default_embedding_optimizer,
+        is_distributed,
+        launch,
+        other_node_summary,
+        print_distributed,
+        run_rank,
+        torchrun_rendezvous,
+    )
+
+    if args.rank_job is not None:  # one torchrun rank of `--nproc N`
+        return run_rank(args.rank_job,
+                        lambda job, rank: run_train_allocator_rank(workspace, job, rank))
     hyperparameters = dict(args.hyperparameters)
     if args.steps is not None:
         hyperparameters["n_steps"] = args.steps
-    summary = train_allocator_step(
-        workspace, args.algo, args.input, args.seed, hyperparameters, args.live_share_cap,
-        register=not args.no_register, eval_seeds=args.eval_seeds, eval_users=args.eval_users,
-    )
+    common = {"algo": args.algo, "input_path": args.input, "seed": args.seed,
+              "hyperparameters": hyperparameters, "live_share_cap": args.live_share_cap,
+              "register": not args.no_register, "eval_seeds": args.eval_seeds,
+              "eval_users": args.eval_users}
+    if is_distributed(args):
+        if args.algo not in DISTRIBUTED_ALGORITHMS:
+            raise UserError(f"--nproc {args.nproc}: {args.algo} does not train distributed "
+                            f"(not a TorchRec model); only {', '.join(DISTRIBUTED_ALGORITHMS)} "
+                            "does. Drop --nproc or use --algo sl_mgac")
+        hyperparameters.setdefault("embedding_optimizer", default_embedding_optimizer(True))
+        source = args.input or latest_simulator_dir(workspace)  # found once, here
+        job = {**common, "input_path": str(Path(source).resolve()),
+               "sharding": args.sharding}
+        summary = launch(workspace, "train-allocator", job, args.nproc,
+                         torchrun_rendezvous(args))
+        if not summary:  # global rank 0 ran on another node and logged the run there
+            return other_node_summary(args)
+        print_distributed(summary["distributed"])
+    else:
+        summary = train_allocator_step(workspace, **common)
     print_allocator_summary(summary)
     return summary
+
+
+def run_train_allocator_rank(workspace: Workspace, job: dict, rank: Rank) -> dict:
+    """One torchrun rank of ``recpipe train-allocator --nproc N``."""
+    from models.distributed import ShardingConfig
+
+    step = {k: v for k, v in job.items() if k not in ("sharding", "summary")}
+    return train_allocator_step(workspace, **{**step, "input_path": Path(step["input_path"])},
+                                rank=rank, sharding=ShardingConfig.from_name(job["sharding"]))
 
 
 def print_allocator_summary(summary: dict) -> None:

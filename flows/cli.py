@@ -26,6 +26,16 @@ from flows.allocation_steps import (
     print_allocator_summary,
 )
 from flows.pretrain_steps import add_pretrain_arguments, cmd_pretrain
+from flows.torchrun import (  # noqa: F401 (torchrun_rendezvous, default_embedding_optimizer: API)
+    add_distributed_arguments,
+    default_embedding_optimizer,
+    is_distributed,
+    launch,
+    other_node_summary,
+    print_distributed,
+    run_rank,
+    torchrun_rendezvous,
+)
 from flows.workspace import Workspace, WorkspaceBusyError
 from serving.cli import (
     add_score_arguments,
@@ -110,26 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["adam", "adagrad", "rowwise_adagrad", "sgd"],
                        help="optimiser of the embedding tables (default adam; adagrad when "
                             "distributed on CPU, where fbgemm's fused kernel has no Adam)")
-    dist_group = train.add_argument_group(
-        "distributed training (torchrun + TorchRec DistributedModelParallel; README: "
-        "Distributed training)")
-    dist_group.add_argument("--nproc", type=int, default=1, metavar="N",
-                            help="training processes on this node (>1: launch torchrun; one "
-                                 "per GPU with CUDA, else CPU processes with gloo)")
-    dist_group.add_argument("--sharding", choices=["auto", "table_wise", "column_wise"],
-                            default="auto",
-                            help="how the planner may shard embedding tables (auto: it picks "
-                                 "table-wise or column-wise per table)")
-    dist_group.add_argument("--nnodes", default="1",
-                            help="torchrun --nnodes: number of nodes (or MIN:MAX)")
-    dist_group.add_argument("--node-rank", type=int,
-                            help="torchrun --node-rank (static rendezvous only)")
-    dist_group.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
-                            help="torchrun --rdzv-endpoint: the rendezvous host (multi-node)")
-    dist_group.add_argument("--rdzv-backend", default="c10d", help="torchrun --rdzv-backend")
-    dist_group.add_argument("--rdzv-id", default="recpipe-train-ranker",
-                            help="torchrun --rdzv-id: the same on every node of one job")
-    train.add_argument("--rank-job", type=Path, help=argparse.SUPPRESS)  # set by the launcher
+    add_distributed_arguments(train, "train-ranker")
 
     night = command("nightly", cmd_nightly,
                     "one nightly Prefect flow run: simulate, ingest, features, pretrain, "
@@ -299,9 +290,7 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
         return run_train_ranker_rank(args.rank_job, workspace)
     if not (workspace.examples / "train.parquet").exists():
         raise UserError(f"no examples in {workspace.examples}; run `recpipe features` first")
-    if args.nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
-    distributed = args.nproc > 1 or args.nnodes != "1"
+    distributed = is_distributed(args)
     embedding_optimizer = args.embedding_optimizer or default_embedding_optimizer(distributed)
     job = RankerJob(
         ranker={"arch": args.arch, "inputs": {"history_pooling": args.history_pooling}},
@@ -318,14 +307,8 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
         summary = launch_train_ranker(workspace, job, args.nproc, args.sharding,
                                       torchrun_rendezvous(args))
         if not summary:  # global rank 0 ran on another node and logged the run there
-            print("this node's ranks finished; global rank 0 (node 0) logged the run")
-            return {"distributed": {"nproc_per_node": args.nproc, "nnodes": args.nnodes},
-                    "logged_on_other_node": True}
-        dist_info = summary["distributed"]
-        tables = ", ".join(f"{table} {spec['sharding_type']}@{spec['ranks']}"
-                           for table, spec in dist_info["plan"].items())
-        print(f"trained on {dist_info['world_size']} ranks ({dist_info['backend']}, "
-              f"{dist_info['per_rank_batch']} rows per rank per step): {tables}")
+            return other_node_summary(args)
+        print_distributed(summary["distributed"])
     else:
         summary = train_ranker_step(workspace, job)
     if not args.no_register:
@@ -337,78 +320,28 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
     return summary
 
 
-def default_embedding_optimizer(distributed: bool) -> str:
-    """Adam, except distributed without CUDA: fbgemm-gpu-cpu's fused kernel (the one TorchRec
-    shards tables with) has no Adam on CPU, so Adagrad."""
-    if not distributed:
-        return "adam"
-    import torch
-
-    return "adam" if torch.cuda.is_available() else "adagrad"
-
-
-def torchrun_rendezvous(args: argparse.Namespace) -> list[str]:
-    """torchrun's rendezvous options: ``--standalone`` (a free local port) on one node, else
-    ``--nnodes``, ``--rdzv-backend``, ``--rdzv-endpoint``, ``--rdzv-id`` (and ``--node-rank``)
-    as given."""
-    if args.nnodes == "1" and args.rdzv_endpoint is None:
-        return ["--standalone"]
-    if args.rdzv_endpoint is None:
-        raise UserError("multi-node training needs --rdzv-endpoint HOST:PORT (the same on "
-                        "every node)")
-    options = ["--nnodes", args.nnodes, "--rdzv-backend", args.rdzv_backend,
-               "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
-    if args.node_rank is not None:
-        options += ["--node-rank", str(args.node_rank)]
-    return options
-
-
 def launch_train_ranker(workspace: Workspace, job, nproc: int, sharding: str = "auto",
                         rendezvous: list[str] | None = None) -> dict:
     """Run ``train_ranker_step`` on ``nproc`` ranks of this node under ``torchrun``
-    (``python -m torch.distributed.run``; ``rendezvous`` default ``--standalone``); each rank
-    is ``recpipe train-ranker --rank-job FILE``. Returns global rank 0's summary, or {} when
-    rank 0 ran on another node. UserError when a rank fails (its error is printed above)."""
+    (``flows.torchrun.launch``); each rank is ``recpipe train-ranker --rank-job FILE``.
+    Returns global rank 0's summary, or {} when rank 0 ran on another node."""
     import dataclasses
-    import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="recpipe-train-ranker-") as tmp:
-        spec, summary_file = Path(tmp) / "job.json", Path(tmp) / "summary.json"
-        spec.write_text(json.dumps({"job": dataclasses.asdict(job), "sharding": sharding,
-                                    "summary": str(summary_file)}))
-        command = [sys.executable, "-m", "torch.distributed.run",
-                   *(rendezvous or ["--standalone"]), "--nproc-per-node", str(nproc),
-                   "-m", "flows.cli", "train-ranker", "--home", str(workspace.root),
-                   "--rank-job", str(spec)]
-        env = dict(os.environ)  # the cores shared out over the ranks (torchrun's default: 1)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        status = subprocess.run(command, check=False, env=env).returncode
-        if status != 0:
-            raise UserError(f"distributed training failed (torchrun exit status {status}); "
-                            "the failing rank's error is printed above")
-        return json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    return launch(workspace, "train-ranker",
+                  {"job": dataclasses.asdict(job), "sharding": sharding}, nproc, rendezvous)
 
 
 def run_train_ranker_rank(spec_file: Path, workspace: Workspace) -> dict:
-    """One torchrun rank: join the process group, train, and (global rank 0) write the
-    summary where the launcher reads it."""
+    """One torchrun rank of ``recpipe train-ranker --nproc N``."""
     from flows.steps import RankerJob, train_ranker_step
-    from models.distributed import ShardingConfig, init_rank
+    from models.distributed import ShardingConfig
 
-    spec = json.loads(spec_file.read_text())
-    job = RankerJob(**{**spec["job"], "tasks": tuple(spec["job"]["tasks"])})
-    rank = init_rank()
-    try:
-        summary = train_ranker_step(workspace, job, rank=rank,
-                                    sharding=ShardingConfig.from_name(spec["sharding"]))
-        if rank.is_main:
-            target = Path(spec["summary"])
-            partial = target.with_suffix(".tmp")
-            partial.write_text(json.dumps(summary, default=str))
-            partial.replace(target)
-    finally:
-        rank.close()
-    return summary
+    def body(spec: dict, rank) -> dict:  # noqa: ANN001 (a models.distributed.Rank)
+        job = RankerJob(**{**spec["job"], "tasks": tuple(spec["job"]["tasks"])})
+        return train_ranker_step(workspace, job, rank=rank,
+                                 sharding=ShardingConfig.from_name(spec["sharding"]))
+
+    return run_rank(spec_file, body)
 
 
 def cmd_nightly(args: argparse.Namespace, workspace: Workspace) -> dict:

@@ -8,6 +8,11 @@ method, log params / curves / diagnostics / plots and the model to MLflow (exper
 champion when there is none), and write the user-embedding table
 ``<lake>/user_embeddings/part-0.parquet`` atomically. Takes and returns paths and JSON-able
 summaries.
+
+``recpipe pretrain --nproc N`` runs ``pretrain_step`` on N ``torchrun`` ranks
+(``flows.torchrun``; README "Distributed training"): each rank reads the windows of its own
+share of the users, the encoder's tables are sharded (``models.pretraining``), and global
+rank 0 alone logs, registers and writes the user-embedding table from the gathered encoder.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flows.workspace import Workspace
+
+if TYPE_CHECKING:
+    from models.distributed import Rank, ShardingConfig
 
 PRETRAIN_EXPERIMENT = "recpipe-user-encoders"
 EMBEDDINGS_DIR = "user_embeddings"
@@ -39,8 +49,16 @@ def pretrain_step(
     overrides: dict | None = None,
     users_table: Path | None = None,
     register: bool = True,
+    rank: Rank | None = None,
+    sharding: ShardingConfig | None = None,
 ) -> dict:
     """Pretrain, log, register and embed; see the module docstring.
+
+    Distributed (``rank`` given: every ``torchrun`` rank calls this): each rank reads the
+    training windows of its share of the users (``models.distributed.shard_keys``) and
+    trains the sharded encoder (``sharding``); global rank 0 alone logs the MLflow run, logs
+    and registers the gathered (unsharded) encoder, writes the embedding table and returns
+    the summary, with a ``distributed`` entry; the other ranks return {}.
 
     ``overrides``: ``PretrainConfig`` fields (nested sections as dicts, e.g.
     ``{"steps": 300, "encoder": {"embedding_dim": 64}}``). ``users_table``: a simulator
@@ -66,26 +84,49 @@ def pretrain_step(
     examples = workspace.examples
     if not (examples / "train.parquet").exists():
         raise PretrainDataError(f"no examples in {examples}; run `recpipe features` first")
+    main = rank is None or rank.is_main
     schema = load_schema(examples)
     vocab = Vocabulary.load(examples / "vocab.json")
     config = PretrainConfig.from_dict({**(overrides or {}), "method": method}).for_schema(schema)
     columns = list(dict.fromkeys([*HISTORY_READ_COLUMNS, *HISTORY_COLUMNS]))
-    train = pl.read_parquet(examples / "train.parquet", columns=columns)
+    scan = pl.scan_parquet(examples / "train.parquet").select(columns)
+    if rank is not None:  # this rank's users only (a lazy scan: only their rows are read)
+        from models.distributed import shard_keys
+
+        users = scan.select("user_id").unique().collect().get_column("user_id").to_numpy()
+        scan = scan.filter(pl.col("user_id").is_in(
+            shard_keys(users, rank.rank, rank.world_size).tolist()))
+    train = scan.collect()
     data = UserSequences.from_frame(train, schema.history_length, config.min_length)
-    if len(data) == 0:
+    n_windows, n_users = len(data), data.n_users
+    if rank is not None:
+        n_windows, n_users = (int(v) for v in rank.all_sum([n_windows, n_users]))
+    if n_windows == 0:
         raise PretrainDataError(
             f"{examples / 'train.parquet'}: no history has at least {config.min_length} "
             "behaviours; simulate or ingest more days")
-    mlflow.set_tracking_uri(workspace.tracking_uri)
-    experiment_id = ensure_experiment(PRETRAIN_EXPERIMENT, workspace.artifacts)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"pretrain-{method}") as run:
-        mlflow.log_params(flatten_params(config.to_dict()))
-        mlflow.log_params({"train_windows": len(data), "train_users": data.n_users})
+    if main:
+        mlflow.set_tracking_uri(workspace.tracking_uri)
+        experiment_id = ensure_experiment(PRETRAIN_EXPERIMENT, workspace.artifacts)
+    run_context = (mlflow.start_run(experiment_id=experiment_id, run_name=f"pretrain-{method}")
+                   if main else nullcontext())
+    with run_context as run:
+        if main:
+            mlflow.log_params(flatten_params(config.to_dict()))
+            mlflow.log_params({"train_windows": n_windows, "train_users": n_users,
+                               "world_size": 1 if rank is None else rank.world_size})
 
         def log_step(step: int, record: dict[str, float]) -> None:
-            mlflow.log_metrics({f"pretrain_{k}": v for k, v in record.items()}, step=step)
+            if main:
+                mlflow.log_metrics({f"pretrain_{k}": v for k, v in record.items()}, step=step)
 
-        result = pretrain(data, config, on_log=log_step)
+        result = pretrain(data, config, on_log=log_step, rank=rank, sharding=sharding)
+        if not main:
+            return {}
+        if result.distributed is not None:
+            from flows.torchrun import log_distributed
+
+            log_distributed(result.distributed)
         loaded = LoadedUserEncoder(result.encoder, config, schema, vocab)
         model_uri = log_user_encoder(loaded, train.filter(pl.col("hist_item_id").list.len() > 0))
         registered = register_user_encoder(model_uri, run.info.run_id) if register else None
@@ -102,6 +143,11 @@ def pretrain_step(
                                       users_table or find_users_table(workspace))
     final = result.history[-1] if result.history else {}
     warnings = []
+    if result.distributed is not None:
+        per_rank = result.distributed["per_rank_batch"]
+        if per_rank < config.batch_size // result.distributed["world_size"]:
+            warnings.append(f"a rank has only {per_rank} users: each rank drew {per_rank} "
+                            f"per step instead of {config.batch_size} // world size")
     if diagnostics.get("mean_cosine", 0.0) > COLLAPSE_COSINE:
         warnings.append(
             f"user vectors are nearly collapsed (mean cosine between users "
@@ -115,12 +161,12 @@ def pretrain_step(
         "registered": registered,
         "embeddings_path": str(table),
         "users_embedded": len(latest),
-        "train_windows": len(data),
+        "train_windows": n_windows,
         "steps": config.steps,
         "final": {k: v for k, v in final.items() if v == v},
         "embedding_stats": diagnostics,
         "warnings": warnings,
-    }
+    } | ({} if result.distributed is None else {"distributed": result.distributed})
 
 
 def read_all_splits(examples: Path):  # noqa: ANN201 (polars DataFrame, imported lazily)
@@ -226,17 +272,52 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
                         help="simulator users.parquet to colour the projection plot "
                              "(default: newest under <home>/raw)")
     parser.add_argument("--no-register", action="store_true", help="log the run only")
+    parser.add_argument("--embedding-optimizer",
+                        choices=["adam", "adagrad", "rowwise_adagrad", "sgd"],
+                        help="optimiser of the item / behaviour tables (default adam; adagrad "
+                             "when distributed on CPU, where fbgemm's fused kernel has no Adam)")
+    from flows.torchrun import add_distributed_arguments
+
+    add_distributed_arguments(parser, "pretrain")
 
 
 def cmd_pretrain(args: argparse.Namespace, workspace: Workspace) -> dict:
-    """``recpipe pretrain``: run ``pretrain_step`` and print a short summary."""
+    """``recpipe pretrain``: run ``pretrain_step`` (``--nproc N``: on N torchrun ranks) and
+    print a short summary."""
+    from flows.torchrun import (
+        default_embedding_optimizer,
+        is_distributed,
+        launch,
+        other_node_summary,
+        print_distributed,
+        run_rank,
+        torchrun_rendezvous,
+    )
+
+    if args.rank_job is not None:  # one torchrun rank of `--nproc N`
+        return run_rank(args.rank_job, lambda job, rank: run_pretrain_rank(workspace, job, rank))
+    distributed = is_distributed(args)
     overrides = {
         "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
         "seed": args.seed,
+        "embedding_optimizer": (args.embedding_optimizer
+                                or default_embedding_optimizer(distributed)),
         "encoder": {"embedding_dim": args.embedding_dim, "n_layers": args.layers},
     }
-    summary = pretrain_step(workspace, args.method, overrides, args.users_table,
-                            register=not args.no_register)
+    users_table = str(args.users_table) if args.users_table else None
+    if distributed:
+        if not (workspace.examples / "train.parquet").exists():
+            raise PretrainDataError(f"no examples in {workspace.examples}; run "
+                                    "`recpipe features` first")
+        job = {"method": args.method, "overrides": overrides, "users_table": users_table,
+               "register": not args.no_register, "sharding": args.sharding}
+        summary = launch(workspace, "pretrain", job, args.nproc, torchrun_rendezvous(args))
+        if not summary:  # global rank 0 ran on another node and logged the run there
+            return other_node_summary(args)
+        print_distributed(summary["distributed"])
+    else:
+        summary = pretrain_step(workspace, args.method, overrides, args.users_table,
+                                register=not args.no_register)
     final = summary["final"]
     shown = {k: final[k] for k in ("loss", "acc_pos_semi", "acc_semi_neg", "lambda",
                                    "cl_accuracy", "mip_accuracy") if k in final}
@@ -251,3 +332,13 @@ def cmd_pretrain(args: argparse.Namespace, workspace: Workspace) -> dict:
         reg = summary["registered"]
         print(f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
     return summary
+
+
+def run_pretrain_rank(workspace: Workspace, job: dict, rank: Rank) -> dict:
+    """One torchrun rank of ``recpipe pretrain --nproc N``: ``pretrain_step`` with ``rank``."""
+    from models.distributed import ShardingConfig
+
+    return pretrain_step(workspace, job["method"], job["overrides"],
+                         Path(job["users_table"]) if job["users_table"] else None,
+                         register=job["register"], rank=rank,
+                         sharding=ShardingConfig.from_name(job["sharding"]))

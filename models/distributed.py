@@ -1,7 +1,9 @@
-"""Distributed ranker training: TorchRec ``DistributedModelParallel`` over ``torchrun`` ranks.
+"""Distributed training: TorchRec ``DistributedModelParallel`` over ``torchrun`` ranks.
 
-``recpipe train-ranker --nproc N`` starts ``torchrun`` (``python -m torch.distributed.run``);
-every rank calls ``init_rank`` and then the same training step as a single process, with:
+``recpipe train-ranker --nproc N`` (and ``recpipe pretrain`` / ``recpipe train-allocator
+--algo sl_mgac``, see below) starts ``torchrun`` (``python -m torch.distributed.run``, through
+``flows.torchrun``); every rank calls ``init_rank`` and then the same training step as a
+single process. For the ranker:
 
 - **model parallel embeddings**: ``shard_ranker`` plans the ranker's embedding tables with
   TorchRec's ``EmbeddingShardingPlanner`` constrained to table-wise and column-wise sharding
@@ -32,6 +34,15 @@ kernel for data-parallel tables only, so a CPU run trains the sharded tables wit
 ``TrainConfig.embedding_optimizer`` = "adagrad" (the default the CLI picks there) while the
 dense parts keep Adam. A single process given the same ``embedding_optimizer`` trains the
 same way (``models.training.fit``). On GPU (nccl) the fused kernel's Adam is available.
+
+The same pieces serve the other TorchRec models, whose training loops call several methods
+of the model per step (``encode_tokens`` and the item table for masked item prediction; the
+encoder, critics, actor and reward heads of SL-MGAC) rather than one ``forward``, and change
+the set of parameters they use between stages: ``shard_model(..., data_parallel=False)``
+shards their tables the same way but leaves the dense parts plain (no DDP hooks), and the
+loop averages their gradients itself with ``Rank.average_gradients`` (one flat all-reduce
+per step). ``polyak_update`` moves a sharded target network (sharded with the same plan)
+towards its online network shard by shard.
 """
 
 from __future__ import annotations
@@ -119,12 +130,35 @@ class Rank:
         """Element-wise mean of ``values`` over the ranks."""
         return self.all_sum(values) / self.world_size
 
+    def all_min(self, value: int) -> int:
+        """The smallest ``value`` over the ranks."""
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
     def average_gradients(self, parameters) -> None:
-        """Average the gradients of parameters outside DDP (the loss's own) over the ranks."""
-        for parameter in parameters:
-            if parameter.grad is not None:
-                dist.all_reduce(parameter.grad)
-                parameter.grad /= self.world_size
+        """Average the gradients of parameters outside DDP (the loss's own; every dense
+        parameter of a model sharded with ``data_parallel=False``) over the ranks, in one
+        flat all-reduce. A parameter without a gradient on some rank counts as zero there
+        (the sum is still divided by W, as DDP does); one without a gradient on every rank
+        keeps ``grad`` None, so an optimiser skips it as it would on one process."""
+        parameters = [p for p in parameters if p.requires_grad]
+        if not parameters:
+            return
+        parts = [p.grad.reshape(-1) if p.grad is not None
+                 else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                 for p in parameters]
+        present = torch.tensor([p.grad is not None for p in parameters], dtype=parts[0].dtype,
+                               device=parts[0].device)
+        flat = torch.cat([*parts, present])
+        dist.all_reduce(flat)
+        flat[:-len(parameters)] /= self.world_size
+        offset = 0
+        for parameter, seen in zip(parameters, flat[-len(parameters):].tolist(), strict=True):
+            size = parameter.numel()
+            if seen > 0:
+                parameter.grad = flat[offset:offset + size].view_as(parameter).clone()
+            offset += size
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -164,6 +198,13 @@ def shard_rows(n_rows: int, rank: int, world_size: int) -> np.ndarray:
     (every rank the same count; the last ``n_rows % W`` rows belong to nobody)."""
     per_rank = n_rows // world_size
     return np.arange(rank, per_rank * world_size, world_size, dtype=np.int64)
+
+
+def shard_keys(keys: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s share of some keys (users, sessions): every W-th of the sorted
+    distinct keys, starting at the rank's index. All keys are used (shares differ by at most
+    one): whatever is sampled per rank draws the same count on every rank itself."""
+    return np.unique(keys)[rank::world_size]
 
 
 def read_shard(path: Path, rank: int, world_size: int) -> pl.DataFrame:
@@ -259,14 +300,29 @@ def sharding_plan(model: nn.Module, rank: Rank, config: ShardingConfig, sharders
     return plan
 
 
-def shard_ranker(model: nn.Module, rank: Rank, config: ShardingConfig,
-                 embedding_optimizer: str, learning_rate: float, weight_decay: float = 0.0):
+def _no_data_parallel():
+    """A DMP data-parallel wrapper that leaves the unsharded modules plain (no DDP)."""
+    from torchrec.distributed.model_parallel import DataParallelWrapper
+
+    class NoDataParallel(DataParallelWrapper):
+        def wrap(self, dmp, env, device) -> None:  # noqa: ANN001 (TorchRec's signature)
+            return None
+
+    return NoDataParallel()
+
+
+def shard_model(model: nn.Module, rank: Rank, config: ShardingConfig,
+                embedding_optimizer: str, learning_rate: float, weight_decay: float = 0.0,
+                data_parallel: bool = True, plan=None):  # noqa: ANN001 (a ShardingPlan)
     """Wrap ``model`` (built identically on every rank) in ``DistributedModelParallel``:
     trainable embedding tables sharded by the planner with the fused ``embedding_optimizer``,
-    the rest replicated under DDP. The tables start from ``model``'s own initial values, so a
-    run starts where a single process with the same seed starts. ``model`` is modified in
-    place (its embedding modules are replaced by sharded ones): deep-copy it first for a plain
-    copy. Returns (the DMP, ``describe_plan`` of its plan)."""
+    the rest replicated, under DDP when ``data_parallel`` (else plain: the caller averages
+    their gradients with ``Rank.average_gradients`` and calls ``dmp.module``'s methods
+    directly). ``plan``: a plan to reuse instead of planning (a target network sharded like
+    its online network). The tables start from ``model``'s own initial values, so a run
+    starts where a single process with the same seed starts. ``model`` is modified in place
+    (its embedding modules are replaced by sharded ones): deep-copy it first for a plain
+    copy. Returns (the DMP, the plan, ``describe_plan`` of it)."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import get_default_sharders
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -280,10 +336,56 @@ def shard_ranker(model: nn.Module, rank: Rank, config: ShardingConfig,
             embedding_optimizer_class(embedding_optimizer), trainable,
             embedding_optimizer_kwargs(embedding_optimizer, learning_rate, weight_decay))
     sharders = get_default_sharders()
-    plan = sharding_plan(model, rank, config, sharders)
-    dmp = DistributedModelParallel(model, device=rank.device, plan=plan, sharders=sharders)
+    plan = plan if plan is not None else sharding_plan(model, rank, config, sharders)
+    dmp = DistributedModelParallel(
+        model, device=rank.device, plan=plan, sharders=sharders,
+        data_parallel_wrapper=None if data_parallel else _no_data_parallel())
     load_full_state(dmp, initial)
-    return dmp, describe_plan(plan)
+    return dmp, plan, describe_plan(plan)
+
+
+def shard_ranker(model: nn.Module, rank: Rank, config: ShardingConfig,
+                 embedding_optimizer: str, learning_rate: float, weight_decay: float = 0.0):
+    """``shard_model`` for a ranker (dense parts under DDP). Returns (the DMP,
+    ``describe_plan`` of its plan)."""
+    dmp, _, described = shard_model(model, rank, config, embedding_optimizer, learning_rate,
+                                    weight_decay)
+    return dmp, described
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float,
+                  names: set[str] | None = None) -> None:
+    """target <- target + tau (source - target) for every state entry in ``names`` (default:
+    all floating ones), two DMPs sharded with the same plan (or two plain modules): each
+    rank moves its own shards of the sharded tables and its replica of the rest."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    def local(value: torch.Tensor) -> list[torch.Tensor]:
+        if isinstance(value, DTensor):
+            value = value.to_local()
+        if isinstance(value, ShardedTensor):
+            return [shard.tensor for shard in value.local_shards()]
+        return [value]
+
+    ours, theirs = [], []
+    source_state = source.state_dict()
+    for name, value in target.state_dict().items():
+        if (names is not None and name not in names) or not value.is_floating_point():
+            continue
+        ours += local(value)
+        theirs += local(source_state[name])
+    if ours:
+        torch._foreach_lerp_(ours, theirs, tau)
+
+
+def set_embedding_learning_rate(dmp: nn.Module, learning_rate: float) -> None:
+    """Set the learning rate of the fused table optimisers (the kernel reads it at the next
+    ``zero_grad`` / ``step`` of ``dmp.fused_optimizer``): a schedule for the tables."""
+    for group in dmp.fused_optimizer.param_groups:
+        group["lr"] = learning_rate
+    dmp.fused_optimizer.zero_grad()
 
 
 def describe_plan(plan) -> dict[str, dict]:

@@ -10,13 +10,27 @@ spends its first ``warm_start_fraction`` on masked item prediction (a fresh Adam
 as the authors run two trainings); CL4SRec and MIP run one stage; ``none`` trains nothing
 (the no-pretraining baseline: a freshly initialised encoder). Seeds: ``seed`` fixes the
 initialisation, dropout, batch draws and augmentations.
+
+Distributed (``pretrain(..., rank=)``, ``recpipe pretrain --nproc N``; see
+``models.distributed``): the encoder's item and behaviour tables are sharded by TorchRec's
+planner (fused kernel, ``embedding_optimizer``), the Transformer, positions, pooling and
+the objectives' own parameters are replicated and their gradients averaged over the ranks
+every step. Each rank holds the windows of its own shard of the users and draws
+``batch_size // W`` of them per step (``batch_size`` stays the number of users one optimiser
+step averages over). **In-batch negatives are per rank**: the contrastive and ranking
+objectives compare an anchor with the other users of its own rank's batch only, so the
+effective negatives per anchor are ``batch_size // W - 1`` users, not ``batch_size - 1``
+(raise ``batch_size`` with W to keep them). Masked item prediction has no negatives and is
+unaffected.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -36,6 +50,9 @@ from models.user_encoders.encoder import (
     build_user_encoder,
 )
 from models.user_encoders.mip import MIPConfig, MIPObjective
+
+if TYPE_CHECKING:
+    from models.distributed import Rank, ShardingConfig
 
 METHODS: tuple[str, ...] = ("adaptssr", "cl4srec", "mip")
 """Pretraining methods the CLI offers."""
@@ -69,6 +86,12 @@ class PretrainConfig:
     """Report diagnostics every this many steps."""
     progress: bool = True
     """Show a progress bar."""
+    embedding_optimizer: str = "adam"
+    """Optimiser of the item / behaviour tables: "adam" (one Adam for everything, fresh per
+    stage) or "adagrad", "rowwise_adagrad", "sgd": then the tables have their own optimiser,
+    kept across stages, and gradient clipping covers the other parameters only (what a
+    distributed run does: its fused table kernel never materialises table gradients; on CPU
+    it has no Adam, so ``recpipe pretrain --nproc`` picks "adagrad" there)."""
     encoder: UserEncoderConfig = field(default_factory=UserEncoderConfig)
     """The encoder architecture (sized to the data by ``for_schema``)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -224,52 +247,115 @@ StepCallback = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class PretrainResult:
-    """The trained encoder and its diagnostics, one record per ``log_every`` steps."""
+    """The trained encoder and its diagnostics, one record per ``log_every`` steps.
+    Distributed: the gathered, unsharded encoder on rank 0 (None on the other ranks), the
+    diagnostics averaged over the ranks, and ``distributed`` describing the run."""
 
-    encoder: TransformerUserEncoder
+    encoder: TransformerUserEncoder | None
     config: PretrainConfig
     history: list[dict[str, float]]
+    distributed: dict | None = None
 
 
 def pretrain(data: UserSequences, config: PretrainConfig,
-             on_log: StepCallback | None = None) -> PretrainResult:
+             on_log: StepCallback | None = None, rank: Rank | None = None,
+             sharding: ShardingConfig | None = None) -> PretrainResult:
     """Pretrain a new encoder on ``data`` with ``config`` (already sized: ``for_schema``).
 
     ``on_log(step, record)`` receives the mean diagnostics of every ``log_every`` steps
     (``loss``, ``stage`` index, objective-specific ones). Raises TrainingDivergedError at the
     first non-finite loss, ValueError when no window is long enough.
+
+    Distributed (``rank`` given; every ``torchrun`` rank calls this with the windows of its
+    own users, see the module docstring): the tables are sharded per ``sharding``, each rank
+    draws ``batch_size // W`` users per step with its own seed, the dense gradients are
+    averaged, ``on_log`` runs on every rank with the diagnostics averaged over the ranks,
+    and at the end the full state is gathered into a plain encoder on rank 0.
     """
-    if config.method != "none" and len(data) == 0:
+    from models.distributed import (
+        ShardingConfig,
+        dense_parameters,
+        full_state_dict,
+        shard_model,
+    )
+    from models.training import make_table_optimiser
+
+    world = 1 if rank is None else rank.world_size
+    stages = plan_stages(config)
+    if rank is None and config.method != "none" and len(data) == 0:
         raise ValueError(f"no history window has at least {config.min_length} behaviours; "
                          "nothing to pretrain on")
+    batch_size = config.batch_size // world
+    if rank is not None:  # every rank draws the same count: collectives stay in step
+        fewest = rank.all_min(data.n_users)
+        if stages and fewest == 0:
+            raise ValueError("a rank has no user with a history window of at least "
+                             f"{config.min_length} behaviours; use fewer processes")
+        batch_size = min(batch_size, fewest)
+        if stages and batch_size < 2:
+            raise ValueError(f"batch_size {config.batch_size} over {world} ranks leaves "
+                             f"{batch_size} users per rank; in-batch negatives need >= 2 "
+                             "(raise --batch-size)")
     torch.manual_seed(config.seed)
     encoder = build_user_encoder(config.encoder, seed=config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    draw = data.sampler(config.batch_size, config.seed) if len(data) else None
+    offset = 0 if rank is None else 1_000_003 * rank.rank  # own draws, masks and dropout
+    torch.manual_seed(config.seed + offset)
+    generator = torch.Generator().manual_seed(config.seed + offset)
+    draw = data.sampler(batch_size, config.seed + offset) if len(data) else None
+    trained, dmp, distributed = encoder, None, None  # what the objectives run
+    if rank is not None:
+        dmp, _, plan = shard_model(copy.deepcopy(encoder), rank, sharding or ShardingConfig(),
+                                   config.embedding_optimizer, config.learning_rate,
+                                   config.weight_decay, data_parallel=False)
+        trained = dmp.module
+        distributed = {**rank.to_dict(), "per_rank_batch": batch_size,
+                       "sharding": (sharding or ShardingConfig()).to_dict(), "plan": plan}
+    separate_tables = rank is not None or config.embedding_optimizer != "adam"
+    tables = (make_table_optimiser(encoder, config.embedding_optimizer, config.learning_rate,
+                                   config.weight_decay)
+              if separate_tables and rank is None else None)
     history: list[dict[str, float]] = []
     step = 0
-    stages = plan_stages(config)
+    show = config.progress and bool(stages) and (rank is None or rank.is_main)
     bar = tqdm(total=config.steps, desc=f"pretrain {config.method}", leave=False,
-               disable=not config.progress or not stages, mininterval=1.0)
+               disable=not show, mininterval=1.0)
     for stage_index, (name, n_steps) in enumerate(stages):
-        objective = build_objective(name, encoder, config)
-        parameters = [*encoder.parameters(), *objective.parameters()]
-        optimiser = torch.optim.Adam(parameters, lr=config.learning_rate,
+        objective = build_objective(name, trained, config)
+        if rank is not None:
+            dense = [*dense_parameters(dmp), *objective.parameters()]
+        elif tables is not None:
+            in_tables = {id(p) for g in tables.param_groups for p in g["params"]}
+            dense = [p for p in [*encoder.parameters(), *objective.parameters()]
+                     if id(p) not in in_tables]
+        else:
+            dense = [*encoder.parameters(), *objective.parameters()]
+        optimiser = torch.optim.Adam(dense, lr=config.learning_rate,
                                      weight_decay=config.weight_decay)
-        encoder.train()
+        optimisers = [optimiser] if tables is None else [optimiser, tables]
+        trained.train()
         window: list[dict[str, float]] = []
         for _ in range(n_steps):
             batch = data.batch(draw())
-            loss, diagnostics = objective(encoder, batch, generator)
+            loss, diagnostics = objective(trained, batch, generator)
             step += 1
-            if not torch.isfinite(loss):
+            value = loss.item()
+            if rank is not None:  # every rank sees the same means: all stop together
+                keys = sorted(diagnostics)
+                means = rank.all_mean([value, *(diagnostics[k] for k in keys)])
+                value, diagnostics = float(means[0]), dict(zip(keys, means[1:].tolist(),
+                                                               strict=True))
+            if not math.isfinite(value):
                 raise TrainingDivergedError(
-                    f"{name} loss is {loss.item()} at step {step}; lower the learning rate")
-            optimiser.zero_grad(set_to_none=True)
+                    f"{name} loss is {value} at step {step}; lower the learning rate")
+            for each in optimisers:
+                each.zero_grad(set_to_none=True)
             loss.backward()
+            if rank is not None:
+                rank.average_gradients(dense)
             if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-            optimiser.step()
+                nn.utils.clip_grad_norm_(dense, config.grad_clip)
+            for each in optimisers:
+                each.step()
             window.append(diagnostics)
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
@@ -280,8 +366,13 @@ def pretrain(data: UserSequences, config: PretrainConfig,
                     on_log(step, record)
                 window = []
     bar.close()
+    if rank is not None:
+        state = full_state_dict(dmp, rank)  # a collective; the full state on rank 0 only
+        if not rank.is_main:
+            return PretrainResult(None, config, history, distributed)
+        encoder.load_state_dict(state)
     encoder.eval()
-    return PretrainResult(encoder, config, history)
+    return PretrainResult(encoder, config, history, distributed)
 
 
 def _mean_record(window: list[dict[str, float]], stage: int, name: str) -> dict[str, float]:

@@ -151,15 +151,23 @@ def make_optimisers(model: nn.Module, loss_fn: MultiTaskLoss, config: TrainConfi
         return [adam([*dense_parameters(model), *extra])]
     if config.embedding_optimizer == "adam":
         return [adam([*model.parameters(), *extra])]
+    tables = make_table_optimiser(model, config.embedding_optimizer, config.learning_rate,
+                                  config.weight_decay)
+    in_tables = {id(p) for group in tables.param_groups for p in group["params"]}
+    dense = [p for p in model.parameters() if id(p) not in in_tables]
+    return [adam([*dense, *extra]), tables]
+
+
+def make_table_optimiser(model: nn.Module, name: str, learning_rate: float,
+                         weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The single-process optimiser ``name`` over the trainable parameters of ``model``'s
+    TorchRec embedding modules, with the hyperparameters the fused distributed kernel uses
+    (so one process trains its tables as the sharded ones are trained)."""
     tables = {id(p) for module in embedding_modules(model).values()
               for p in module.parameters()}
     embedding = [p for p in model.parameters() if id(p) in tables]
-    dense = [p for p in model.parameters() if id(p) not in tables]
-    name = config.embedding_optimizer
-    return [adam([*dense, *extra]),
-            embedding_optimizer_class(name)(
-                embedding, **embedding_optimizer_kwargs(name, config.learning_rate,
-                                                        config.weight_decay))]
+    return embedding_optimizer_class(name)(
+        embedding, **embedding_optimizer_kwargs(name, learning_rate, weight_decay))
 
 
 @torch.no_grad()

@@ -68,12 +68,23 @@ def config_for(algo: str, seed: int = 0, live_share_cap: float = 0.3,
     return replace(cls(), **values, **dict(overrides or {}))
 
 
+DISTRIBUTED_ALGORITHMS: tuple[str, ...] = ("sl_mgac",)
+"""Algorithms that train on several ranks (``--nproc``): the TorchRec ones. greedy is a
+closed-form fit and dqn / cql / bcq are d3rlpy's own (plain torch) learners."""
+
+
 def train_policy(algo: str, frame: pl.DataFrame, config: Any,
-                 on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainedPolicy:
-    """Train ``algo`` with ``config`` (see :func:`config_for`) on a validated log."""
+                 on_log: Callable[[int, dict[str, float]], None] | None = None,
+                 rank: Any = None, sharding: Any = None) -> TrainedPolicy | None:
+    """Train ``algo`` with ``config`` (see :func:`config_for`) on a validated log.
+
+    ``rank`` (a ``models.distributed.Rank``; sl_mgac only, else ValueError): one of several
+    torchrun ranks; returns the policy on rank 0 and None on the others."""
+    if rank is not None and algo not in DISTRIBUTED_ALGORITHMS:
+        raise ValueError(f"{algo} does not train distributed; only {list(DISTRIBUTED_ALGORITHMS)}")
     if algo == "sl_mgac":
         from models.allocators.sl_mgac import train_sl_mgac
-        return train_sl_mgac(frame, config, on_log)
+        return train_sl_mgac(frame, config, on_log, rank=rank, sharding=sharding)
     if algo == "greedy":
         from models.allocators.greedy import train_greedy
         return train_greedy(frame, config, on_log)

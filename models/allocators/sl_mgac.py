@@ -39,6 +39,21 @@ training step, the loop, the policy. What each piece is for:
 
 Diagnostics logged (``on_log``): value_loss, head_loss, actor_loss, entropy, advantage mean
 and std, q_gap (Q(s,1) - Q(s,0)), policy_share, lagrange_multiplier.
+
+Distributed (``train_sl_mgac(..., rank=)``, ``recpipe train-allocator --nproc N``; see
+``models.distributed``): the encoder's user / author / hour tables are sharded by TorchRec's
+planner (fused kernel, ``embedding_optimizer``), in the online network and in the target
+network alike (the target with the online network's plan, so Polyak averaging moves each
+rank's own shards); the dense parts are replicated and their gradients averaged every step.
+Every rank reads the whole log: the featurizer (vocabularies, normalisation) and the value
+support are fitted on all of it, identically everywhere, but a rank samples its
+``batch_size // W`` transitions per step only from its own share of the sessions (n-step
+targets never leave a session). **The Lagrange multiplier is all-reduced**: every step the
+ranks average their batch's policy share (with the other diagnostics) before the dual
+ascent step, so all ranks hold the same multiplier, driven by the global batch's share as
+one process's is. **The share calibration runs on rank 0** after training, on the gathered
+(unsharded) served network and the whole log: exactly what one process computes for that
+network.
 """
 
 from __future__ import annotations
@@ -49,7 +64,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -74,6 +89,9 @@ from models.allocators.data import (
     discounted_returns,
     state_columns,
 )
+
+if TYPE_CHECKING:
+    from models.distributed import Rank, ShardingConfig
 
 ALGO = "sl_mgac"
 
@@ -112,6 +130,11 @@ class SLMGACConfig:
     """Transitions per step, sampled uniformly with replacement."""
     learning_rate: float = 1e-3
     """Adam learning rate for all parameters (cosine-decayed to ``final_lr_fraction`` of it)."""
+    embedding_optimizer: str = "adam"
+    """Optimiser of the embedding tables: "adam" (the one Adam of everything) or "adagrad",
+    "rowwise_adagrad", "sgd" (the tables' own, same learning rate and schedule). Distributed
+    training on CPU needs one of the latter (fbgemm's fused CPU kernel has no Adam; the CLI
+    picks "adagrad" there)."""
     final_lr_fraction: float = 0.1
     """Learning rate at the last step as a fraction of the first."""
     target_tau: float = 0.01
@@ -394,11 +417,19 @@ class NStepTargets:
         return cls(later, np.where(alive, current, rows), np.where(alive, discount * gamma, 0.0))
 
 
-def train_step(model: SLMGACModel, target: SLMGACModel, optimizer: torch.optim.Optimizer,
+def train_step(model: SLMGACModel, target: SLMGACModel,
+               optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
                data: AllocationDataset, nstep: NStepTargets, rows: np.ndarray,
                lagrange: LagrangeMultiplier, config: SLMGACConfig,
-               rng: np.random.Generator) -> dict[str, float]:
-    """One gradient step on the transitions ``rows``; returns its diagnostics."""
+               rng: np.random.Generator, replicas: Replicas | None = None
+               ) -> dict[str, float]:
+    """One gradient step on the transitions ``rows``; returns its diagnostics.
+
+    ``replicas`` (distributed): ``model`` and ``target`` are the modules of sharded DMPs;
+    dense gradients are averaged over the ranks, the target moves shard by shard, and the
+    diagnostics (the policy share among them, hence the multiplier) are averaged over the
+    ranks before the dual step."""
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
     x = drop_ids(data.inputs.take(rows), config.id_dropout, rng)
     x_boot = drop_ids(data.inputs.take(nstep.bootstrap_row[rows]), config.id_dropout, rng)
     group, group_boot = torch.from_numpy(x.group), torch.from_numpy(x_boot.group)
@@ -448,65 +479,164 @@ def train_step(model: SLMGACModel, target: SLMGACModel, optimizer: torch.optim.O
     actor_loss = -objective.mean()
 
     loss = value_loss + config.head_loss_weight * head_loss + actor_loss
-    optimizer.zero_grad()
+    for each in optimizers:
+        each.zero_grad()
     loss.backward()
-    optimizer.step()
+    if replicas is not None:
+        replicas.rank.average_gradients(replicas.dense)
+    for each in optimizers:
+        each.step()
     with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(model.parameters()),
-                             config.target_tau)
-    share = float(pi.detach().mean())
-    mu = lagrange.update(share)
+        if replicas is None:
+            torch._foreach_lerp_(list(target.parameters()), list(model.parameters()),
+                                 config.target_tau)
+        else:
+            replicas.polyak(config.target_tau)
     v = (1 - pi.detach()) * q[:, 0] + pi.detach() * q[:, 1]
     advantage = q[batch, action] - v  # (B,) of the logged action
-    return {
+    stats = {
         "value_loss": value_loss.item(), "head_loss": head_loss.item(),
         "actor_loss": actor_loss.item(), "entropy": entropy.detach().mean().item(),
         "advantage_mean": float(advantage.mean()), "advantage_std": float(advantage.std()),
         "q_gap": float((q[:, 1] - q[:, 0]).mean()), "q_mean": float(v.mean()),
-        "policy_share": share, "lagrange_multiplier": mu,
+        "policy_share": float(pi.detach().mean()),
     }
+    if replicas is not None:  # the global batch's means, the same on every rank
+        stats = dict(zip(stats, replicas.rank.all_mean(list(stats.values())).tolist(),
+                         strict=True))
+    stats["lagrange_multiplier"] = lagrange.update(stats["policy_share"])
+    return stats
+
+
+@dataclass
+class Replicas:
+    """The distributed side of a training step: the rank, the dense (replicated) parameters
+    whose gradients are averaged, and the sharded online / target DMPs Polyak moves."""
+
+    rank: Rank
+    dense: list[nn.Parameter]
+    online: nn.Module
+    target: nn.Module
+    parameter_names: set[str]
+    described: dict = field(default_factory=dict)
+    """World size, backend, per-rank batch, sharding and plan (the step's ``distributed``)."""
+
+    def polyak(self, tau: float) -> None:
+        from models.distributed import polyak_update
+
+        polyak_update(self.target, self.online, tau, self.parameter_names)
 
 
 LogCallback = Callable[[int, dict[str, float]], None]
 
 
 def train_sl_mgac(frame: pl.DataFrame, config: SLMGACConfig = SLMGACConfig(),
-                  on_log: LogCallback | None = None) -> SLMGACPolicy:
+                  on_log: LogCallback | None = None, rank: Rank | None = None,
+                  sharding: ShardingConfig | None = None) -> SLMGACPolicy | None:
     """Train on a validated allocation log (``data.read_allocation_log``); returns the policy.
+
+    Distributed (``rank`` given; every ``torchrun`` rank calls this with the whole log, see
+    the module docstring): tables sharded per ``sharding``, transitions drawn from this
+    rank's sessions, ``on_log`` on every rank with diagnostics averaged over the ranks; rank
+    0 returns the policy of the gathered network (calibrated there), the others None.
 
     Raises:
         FloatingPointError: if a loss becomes NaN or infinite (never register such a model).
     """
+    from models.training import make_table_optimiser
+
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     featurizer = AllocationFeaturizer.fit(frame, config.min_id_count)
     data = build_dataset(frame, featurizer, config.reward)
     support = fit_support(data, config)
     model = SLMGACModel(featurizer.n_dense, featurizer.vocab_sizes, config, support)
     target = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, foreach=True)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=config.n_steps, eta_min=config.learning_rate * config.final_lr_fraction)
+    rows_from = np.arange(len(data))  # the rows this process samples transitions from
+    batch_size, replicas = config.batch_size, None
+    online, trained_target = model, target  # what the steps run
+    if rank is not None:
+        rows_from, replicas, online, trained_target = _shard_sl_mgac(
+            frame, model, config, rank, sharding)
+        batch_size = max(1, config.batch_size // rank.world_size)
+    rng = np.random.default_rng(config.seed + (0 if rank is None else 1_000_003 * rank.rank))
+    if replicas is not None:
+        optimizers = [torch.optim.Adam(replicas.dense, lr=config.learning_rate, foreach=True)]
+    elif config.embedding_optimizer != "adam":
+        tables = make_table_optimiser(model, config.embedding_optimizer, config.learning_rate)
+        in_tables = {id(p) for group in tables.param_groups for p in group["params"]}
+        optimizers = [torch.optim.Adam([p for p in model.parameters() if id(p) not in in_tables],
+                                       lr=config.learning_rate, foreach=True), tables]
+    else:
+        optimizers = [torch.optim.Adam(model.parameters(), lr=config.learning_rate,
+                                       foreach=True)]
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(
+        each, T_max=config.n_steps, eta_min=config.learning_rate * config.final_lr_fraction)
+        for each in optimizers]
     lagrange = LagrangeMultiplier(config.live_share_cap - config.cap_margin, config.lagrange_lr,
                                   config.lagrange_max_s)
     nstep = NStepTargets.build(data, config.n_step, config.gamma)
     window: list[dict[str, float]] = []
-    model.train()
-    for step in tqdm(range(1, config.n_steps + 1), desc="sl-mgac", disable=not config.progress
-                     or None, leave=False):
-        rows = rng.integers(0, len(data), config.batch_size)
-        stats = train_step(model, target, optimizer, data, nstep, rows, lagrange, config, rng)
-        if not all(math.isfinite(v) for v in stats.values()):
+    online.train()
+    show = config.progress and (rank is None or rank.is_main)
+    for step in tqdm(range(1, config.n_steps + 1), desc="sl-mgac", disable=not show or None,
+                     leave=False):
+        rows = rows_from[rng.integers(0, len(rows_from), batch_size)]
+        stats = train_step(online, trained_target, optimizers, data, nstep, rows, lagrange,
+                           config, rng, replicas)
+        if not all(math.isfinite(v) for v in stats.values()):  # all ranks: the same means
             raise FloatingPointError(f"SL-MGAC diverged at step {step}: {stats}")
-        schedule.step()
+        for schedule in schedules:
+            schedule.step()
+        if replicas is not None:  # the fused tables follow the dense schedule
+            from models.distributed import set_embedding_learning_rate
+
+            set_embedding_learning_rate(replicas.online, schedules[0].get_last_lr()[0])
         window.append(stats)
         if on_log is not None and (step % config.log_every == 0 or step == config.n_steps):
             on_log(step, {k: float(np.mean([s[k] for s in window])) for k in stats})
             window = []
-    served = (target if config.serve_target else model).requires_grad_(False).eval()
+    served = target if config.serve_target else model
+    if replicas is not None:
+        from models.distributed import full_state_dict
+
+        state = full_state_dict(replicas.target if config.serve_target else replicas.online,
+                                rank)  # a collective; the full state on rank 0 only
+        if not rank.is_main:
+            return None
+        served.load_state_dict(state)
+    served = served.requires_grad_(False).eval()
     if config.calibrate_share:
         calibrate_share(served, data, config)
-    return SLMGACPolicy(served, featurizer, config, support)
+    policy = SLMGACPolicy(served, featurizer, config, support)
+    if replicas is not None:
+        policy.distributed = replicas.described
+    return policy
+
+
+def _shard_sl_mgac(frame: pl.DataFrame, model: SLMGACModel, config: SLMGACConfig, rank: Rank,
+                   sharding: ShardingConfig | None):
+    """This rank's rows (those of its share of the sessions), its ``Replicas`` and the
+    modules the steps run: the online and target networks as DMPs with sharded tables (the
+    target planned like the online network). ``model`` stays the plain twin."""
+    from models.distributed import ShardingConfig, dense_parameters, shard_keys, shard_model
+
+    sessions = frame["session_id"].to_numpy()
+    mine = shard_keys(sessions, rank.rank, rank.world_size)
+    if rank.all_min(len(mine)) == 0:
+        raise ValueError(f"the log has fewer sessions than the {rank.world_size} ranks")
+    rows = np.flatnonzero(np.isin(sessions, mine))
+    sharding = sharding or ShardingConfig()
+    online, plan, described = shard_model(copy.deepcopy(model), rank, sharding,
+                                          config.embedding_optimizer, config.learning_rate,
+                                          data_parallel=False)
+    target, _, _ = shard_model(copy.deepcopy(model), rank, sharding, config.embedding_optimizer,
+                               config.learning_rate, data_parallel=False, plan=plan)
+    replicas = Replicas(rank, dense_parameters(online), online, target,
+                        {name for name, _ in model.named_parameters()},
+                        {**rank.to_dict(),
+                         "per_rank_batch": max(1, config.batch_size // rank.world_size),
+                         "sharding": sharding.to_dict(), "plan": described})
+    return rows, replicas, online.module, target.module
 
 
 @torch.no_grad()
@@ -551,6 +681,8 @@ class SLMGACPolicy:
     as unseen, for rollouts in another world than the training log's."""
 
     algo = ALGO
+    distributed: dict | None = None
+    """How it was trained when distributed (``train_sl_mgac(..., rank=)``); not saved."""
 
     def __init__(self, model: SLMGACModel, featurizer: AllocationFeaturizer,
                  config: SLMGACConfig, support: tuple[float, float],

@@ -130,6 +130,19 @@ def history_kjt(
     )
 
 
+def append_item_table_row(sequence: KeyedJaggedTensor, n_items: int) -> KeyedJaggedTensor:
+    """A history KJT with one more row: every item id 0 .. n_items - 1 under the item key,
+    nothing under the behaviour key (B rows → B + 1)."""
+    items, behaviors = (sequence[key] for key in HISTORY_KEYS)
+    every = torch.arange(n_items, device=items.values().device)
+    one = torch.tensor([n_items], device=every.device)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(HISTORY_KEYS),
+        values=torch.cat([items.values(), every, behaviors.values()]),
+        lengths=torch.cat([items.lengths(), one, behaviors.lengths(), one * 0]),
+    )
+
+
 class AttentionPooling(nn.Module):
     """One learned query attends over the valid positions. (B, T, D), (B, T) → (B, D)."""
 
@@ -185,18 +198,34 @@ class TransformerUserEncoder(nn.Module):
 
     @property
     def item_table(self) -> torch.Tensor:
-        """The item embedding weight (n_items + 1, D), mask row last (MIP ties its output
-        layer to it)."""
+        """The item embedding weight (n_items + 1, D), mask row last. Only on a plain
+        (unsharded) encoder; MIP reads the table through ``encode_tokens(...,
+        with_item_table=True)``, which works sharded too."""
         return self.embeddings.embeddings["t_item"].weight
 
-    def encode_tokens(self, sequence: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contextual states (B, T, D) and the valid mask (B, T) of a history KJT."""
+    def encode_tokens(self, sequence: KeyedJaggedTensor, with_item_table: bool = False
+                      ) -> tuple[torch.Tensor, ...]:
+        """Contextual states (B, T, D) and the valid mask (B, T) of a history KJT; with
+        ``with_item_table`` also the whole item table (n_items + 1, D), mask row last (MIP
+        ties its output layer to it).
+
+        The table comes from the same embedding lookup as the sequence (one extra row asks
+        for every item id), not from the weight: under ``DistributedModelParallel`` the
+        table is sharded and has no weight to read, its fused optimiser updates it once per
+        lookup, and the gradient reaching each row is the same sum as through the weight."""
         length = self.config.max_length
+        if with_item_table:
+            sequence = append_item_table_row(sequence, self.config.n_items + 1)
         embedded = self.embeddings(sequence)
         items = embedded[SEQUENCE_ITEM_FEATURE]
-        lengths = items.lengths()  # (B,)
+        behaviors = embedded[SEQUENCE_BEHAVIOR_FEATURE]
+        lengths = items.lengths()  # (B,) or (B + 1,)
         x = items.to_padded_dense(desired_length=length)  # (B, T, D)
-        x = x + embedded[SEQUENCE_BEHAVIOR_FEATURE].to_padded_dense(desired_length=length)
+        x = x + behaviors.to_padded_dense(desired_length=length)
+        table = None
+        if with_item_table:  # the extra row is last: its values are the table
+            table = items.values()[-(self.config.n_items + 1):]  # (V, D)
+            lengths, x = lengths[:-1], x[:-1]
         positions = torch.arange(length).unsqueeze(0)  # (1, T)
         valid = positions < lengths.unsqueeze(1)  # (B, T)
         recency = (lengths.unsqueeze(1) - 1 - positions).clamp(min=0)  # (B, T) 0 = newest
@@ -206,7 +235,7 @@ class TransformerUserEncoder(nn.Module):
         attend = valid.clone()
         attend[:, 0] |= lengths == 0
         hidden = self.transformer(x, src_key_padding_mask=~attend)  # (B, T, D)
-        return hidden, valid
+        return (hidden, valid) if table is None else (hidden, valid, table)
 
     def forward(self, sequence: KeyedJaggedTensor) -> torch.Tensor:
         hidden, valid = self.encode_tokens(sequence)  # (B, T, D), (B, T)

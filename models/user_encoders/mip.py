@@ -70,9 +70,9 @@ class MIPObjective(nn.Module):
         inputs = PaddedSequences(batch.items.masked_fill(masked, encoder.config.mask_item),
                                  batch.behaviors.masked_fill(masked, encoder.config.mask_behavior),
                                  lengths)
-        hidden, _ = encoder.encode_tokens(inputs.to_kjt())  # (B, T, D)
+        hidden, _, table = encoder.encode_tokens(inputs.to_kjt(), with_item_table=True)
         states = hidden[masked][keep]  # (M, D)
-        logits = states @ encoder.item_table.T + self.bias  # (M, V)
+        logits = states @ table.T + self.bias  # (M, V)
         logits = logits.masked_fill(self.never_predicted, float("-inf"))
         loss, diagnostics = mip_loss(logits, targets[keep])
         return loss, {"loss": loss.item(), **diagnostics}
