@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flows.allocation_steps import (
     ALGORITHMS as ALLOCATOR_ALGORITHMS,
@@ -44,6 +45,9 @@ from serving.cli import (
     cmd_serve,
     parse_task_weights,
 )
+
+if TYPE_CHECKING:
+    from flows.partitions import PartitionRunner
 
 USER_ERROR_EXIT = 2
 
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--lake", type=Path, help="lake folder (default <home>/lake)")
     ing.add_argument("--quarantine", type=Path,
                      help="quarantine folder (default <home>/quarantine)")
+    add_partition_options(ing, default=None)
 
     feat = command("features", cmd_features, "build train/valid/test examples from the lake")
     add_feature_options(feat)
@@ -212,6 +217,29 @@ def add_nightly_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true",
                         help="rerun every task (default: reuse the tasks whose parameters and "
                              "inputs are unchanged, e.g. to resume a killed run)")
+    add_partition_options(parser, default="threads")
+
+
+def add_partition_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """Where the per-date partition tasks run (flows.partitions)."""
+    from flows.partitions import RUNNERS
+
+    parser.add_argument("--runner", choices=RUNNERS, default=default,
+                        help="run the per-date partition work as Prefect mapped tasks on "
+                             "threads or on Dask (prefect-dask)"
+                             + ("" if default else "; default: in this process, no Prefect"))
+    parser.add_argument("--address", metavar="tcp://HOST:8786",
+                        help="scheduler of an existing Dask cluster (with --runner dask; "
+                             "default: a local cluster for the run)")
+
+
+def partition_runner(args: argparse.Namespace) -> PartitionRunner | None:
+    """The ``--runner`` / ``--address`` arguments as a PartitionRunner (None: plain)."""
+    from flows.partitions import PartitionRunner
+
+    if args.address and args.runner != "dask":
+        raise UserError(f"--address {args.address} needs --runner dask")
+    return PartitionRunner(args.runner, args.address) if args.runner else None
 
 
 def nightly_parameters(args: argparse.Namespace, workspace: Workspace) -> dict:
@@ -226,6 +254,7 @@ def nightly_parameters(args: argparse.Namespace, workspace: Workspace) -> dict:
         "allocator_algo": None if args.allocator_algo == "none" else args.allocator_algo,
         "allocator_steps": args.allocator_steps,
         "allocator_eval_users": args.allocator_eval_users, "fresh": args.fresh,
+        "partition_runner": partition_runner(args).kind, "dask_address": args.address,
     }
 
 
@@ -263,7 +292,9 @@ def cmd_ingest(args: argparse.Namespace, workspace: Workspace) -> dict:
 
     lake = args.lake or workspace.lake
     quarantine = args.quarantine or workspace.quarantine
-    report = ingest(args.source, args.input, lake, quarantine).to_dict()
+    runner = partition_runner(args)
+    report = ingest(args.source, args.input, lake, quarantine,
+                    merge_all=runner.merge_all if runner else None).to_dict()
     print(f"{report['input_rows']:,} rows: {report['accepted']:,} accepted, "
           f"{report['quarantined']:,} quarantined, {report['duplicates']:,} duplicates")
     for reason, count in sorted(report["quarantine_reasons"].items()):

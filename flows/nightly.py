@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from features import lake
 from flows import allocation_steps, evaluation_steps, steps
 from flows.caching import PathsRead, cached, reads_nothing
+from flows.partitions import PartitionRunner
 from flows.pretrain_steps import pretrain_step
 from flows.workspace import Workspace
 
@@ -30,8 +31,10 @@ def simulate_task(out_dir: str, users: int, days: int, seed: int) -> dict:
 
 
 @task(name="ingest", **IO_RETRIES)
-def ingest_task(source: str, input_path: str, home: str) -> dict:
-    return steps.ingest_step(source, Path(input_path), Workspace(Path(home)))
+def ingest_task(source: str, input_path: str, home: str, runner: str = "threads",
+                address: str | None = None) -> dict:
+    return steps.ingest_step(source, Path(input_path), Workspace(Path(home)),
+                             PartitionRunner(runner, address))
 
 
 @task(name="features", **IO_RETRIES)
@@ -109,6 +112,8 @@ def nightly(
     allocator_steps: int | None = None,
     allocator_eval_users: int | None = None,
     fresh: bool = False,
+    partition_runner: str = "threads",
+    dask_address: str | None = None,
 ) -> dict:
     """One night. With no ``input_path`` the built-in simulator provides the logs.
 
@@ -122,7 +127,11 @@ def nightly(
     Every task is cached on its parameters and the content of what it reads
     (:mod:`flows.caching`): started again after a crash, the run skips the tasks that
     completed. ``fresh`` reruns every task. ``summary["task_states"]`` says which tasks ran
-    (``Completed``) and which were reused (``Cached``)."""
+    (``Completed``) and which were reused (``Cached``).
+
+    Ingestion merges its date partitions as mapped ``merge-partition`` tasks on
+    ``partition_runner``: "threads", or "dask" on the cluster at ``dask_address`` (a local
+    one when None; see :mod:`flows.partitions`)."""
     logger = get_run_logger()
     workspace = Workspace.from_env(home).create()
     # one night at a time per workspace: two runs would interleave writes to the lake and
@@ -145,8 +154,8 @@ def nightly(
             summary["simulate"] = run(simulate_task, reads_nothing, str(out_dir), users, days,
                                       seed)
             input_path = str(out_dir)
-        summary["ingest"] = run(ingest_task, reads_input_path, source,
-                                input_path, root)
+        summary["ingest"] = run(ingest_task, reads_input_path, source, input_path, root,
+                                partition_runner, dask_address)
         logger.info("ingest: %s", {k: summary["ingest"][k] for k in
                                    ("input_rows", "accepted", "quarantined", "duplicates")})
         summary["features"] = run(features_task, reads_lake_events, root,

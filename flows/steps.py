@@ -17,6 +17,7 @@ from features.schema import TaskSpec
 from flows.workspace import Workspace
 
 if TYPE_CHECKING:
+    from flows.partitions import PartitionRunner
     from models.distributed import Rank, ShardingConfig
 
 RANKER_EXPERIMENT = "recpipe-rankers"
@@ -46,12 +47,16 @@ def simulate_step(out_dir: Path, params: SimulateParams) -> dict:
     return {"out_dir": str(out_dir), **written, "summary": result.summary()}
 
 
-def ingest_step(source: str, input_path: Path, workspace: Workspace) -> dict:
-    """Ingest ``input_path`` into the workspace lake; returns the IngestReport as a dict."""
+def ingest_step(source: str, input_path: Path, workspace: Workspace,
+                runner: PartitionRunner | None = None) -> dict:
+    """Ingest ``input_path`` into the workspace lake; returns the IngestReport as a dict.
+    ``runner``: merge the date partitions as Prefect mapped tasks there (None: in turn, here).
+    """
     from features.ingest import ingest
 
     workspace.create()
-    report = ingest(source, input_path, workspace.lake, workspace.quarantine)
+    report = ingest(source, input_path, workspace.lake, workspace.quarantine,
+                    merge_all=runner.merge_all if runner else None)
     return report.to_dict()
 
 
