@@ -3,6 +3,14 @@
 Written as ``<out>/{train,valid,test}.parquet`` plus ``vocab.json`` and ``schema.json``.
 Vocabularies are fitted on the training dates only, so valid/test ids unseen in training map
 to the unknown index exactly as they would in serving.
+
+Memory stays bounded as the lake grows. The dates, the row count and the vocabulary come from
+streaming aggregates (only per-hour counts and distinct ids are held). Histories need only a
+user's own events, so users are processed in K buckets (``user_id mod K``): each bucket is
+scanned from the lake with a filter, turned into examples and written as per-split part
+files; the parts are then merged into ``(ts, event_id)`` order one time window at a time.
+K is chosen so that a bucket holds about ``FeatureConfig.max_rows_in_memory`` rows (K = 1,
+the whole lake at once, for small lakes). The examples written do not depend on K.
 """
 
 from __future__ import annotations
@@ -10,12 +18,15 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import date
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from polars.io.plugins import register_io_source
 
 from features.encode import encode_examples
 from features.lake import scan_events
@@ -32,6 +43,17 @@ from features.vocab import Vocabulary
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 INTERACTION_LABELS: tuple[str, ...] = ("like", "follow", "share", "comment", "gift")
+SORT_KEY: tuple[str, ...] = ("ts", "event_id")
+"""Row order of every examples file (``event_id`` is unique in the lake, so it is total)."""
+RECORDED_CONFIG: tuple[str, ...] = ("history_length", "valid_days", "test_days")
+"""The FeatureConfig fields that decide the examples; ``schema.json`` records these only."""
+PARTS_DIR = ".parts"
+"""Inside the staging dir: ``<split>/bucket-<b>.parquet``, removed before the swap."""
+MERGE_WINDOW_DIVISOR = 2
+"""A merge window holds ``max_rows_in_memory / 2`` rows: its rows are examples (wider than
+events) and are sorted (a second copy), so it then peaks about as high as a bucket does."""
+PART_ROW_GROUP = 65_536
+"""Rows per row group of a part file, so that a merge window reads little beyond itself."""
 
 
 class FeatureBuildError(ValueError):
@@ -40,7 +62,8 @@ class FeatureBuildError(ValueError):
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """How examples are built."""
+    """How examples are built. The first three fields decide the examples (and are recorded
+    in ``schema.json``); the last two only decide how much is held in memory at once."""
 
     history_length: int = 20
     """N: how many of the user's most recent impressions (strictly earlier) form the history."""
@@ -48,6 +71,50 @@ class FeatureConfig:
     """Dates just before the test dates that form the validation split."""
     test_days: int = 1
     """Last dates of the lake that form the test split."""
+    user_buckets: int | None = None
+    """K: users are processed in K buckets (``user_id mod K``), one bucket in memory at a
+    time. None: ceil(lake rows / ``max_rows_in_memory``), so K = 1 (the whole lake at once)
+    for lakes of up to that many rows. Changes memory and time, never the examples."""
+    max_rows_in_memory: int = 2_000_000
+    """About how many events are held at once: sizes the buckets when ``user_buckets`` is
+    None, and the time windows (whole UTC hours, half this many rows) in which the buckets'
+    outputs are merged; an hour bigger than a window is merged on its own. With N = 20 the
+    default peaked at 2.5 to 4.4 GB on lakes of 5M to 20M events, where the whole lake at
+    once took 1 GB per million (``benchmarks/features.py``). Changes memory, never the
+    examples."""
+
+    def __post_init__(self) -> None:
+        if self.user_buckets is not None and self.user_buckets < 1:
+            raise ValueError(f"user_buckets must be at least 1, got {self.user_buckets}")
+        if self.max_rows_in_memory < 1:
+            raise ValueError(f"max_rows_in_memory must be at least 1, "
+                             f"got {self.max_rows_in_memory}")
+
+    def recorded(self) -> dict[str, int]:
+        """The fields that decide the examples (``RECORDED_CONFIG``), as ``schema.json`` holds
+        them; the memory knobs are left out so the file does not depend on them."""
+        return {name: getattr(self, name) for name in RECORDED_CONFIG}
+
+
+Window = tuple[datetime, datetime]
+"""A ``[start, end)`` range of ``ts`` (UTC, whole hours)."""
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What the streaming profile of the lake decides before any example is built."""
+
+    dates: dict[str, list[date]]
+    """Split name -> its dates, ascending."""
+    buckets: int
+    """K, the number of user buckets."""
+    windows: dict[str, list[Window]]
+    """Split name -> ascending, disjoint ts ranges covering its rows, merged one at a time."""
+
+    @property
+    def split_of(self) -> dict[date, str]:
+        """Date -> name of its split."""
+        return {d: name for name, ds in self.dates.items() for d in ds}
 
 
 @dataclass(frozen=True)
@@ -144,62 +211,227 @@ def task_targets(tasks: tuple[TaskSpec, ...]) -> list[pl.Expr]:
     return targets
 
 
-def write_atomically(frames: dict[str, pl.DataFrame], texts: dict[str, str], out: Path) -> None:
-    """Write all files to a temp dir beside ``out``, then swap it in (no half-written dir)."""
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A fresh staging dir beside ``out`` to write into. When the block ends normally the
+    staging dir replaces ``out`` whole; when it raises, the staging dir is removed and ``out``
+    is left as it was (no half-written dir, ever)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        for name, frame in frames.items():
-            frame.write_parquet(staging / f"{name}.parquet")
-        for name, text in texts.items():
-            (staging / name).write_text(text)
+        yield staging
         retired = out.with_name(f".{out.name}-retired")
         shutil.rmtree(retired, ignore_errors=True)
         if out.exists():
             out.rename(retired)
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except BaseException:
+            if retired.exists() and not out.exists():
+                retired.rename(out)
+            raise
         shutil.rmtree(retired, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+def profile_lake(lake_dir: Path) -> pl.DataFrame:
+    """Events per UTC hour, from one streaming pass over ``ts``.
+
+    Returns (H, 2): ``hour`` (Datetime UTC, the hour's start), ``rows`` (UInt32), ascending
+    by hour; H = 0 for an empty lake.
+    """
+    hour = pl.col("ts").dt.truncate("1h").alias("hour")
+    counts = scan_events(lake_dir).group_by(hour).agg(pl.len().alias("rows"))
+    return counts.sort("hour").collect(engine="streaming")
+
+
+def merge_windows(hours: pl.DataFrame, limit: int) -> list[Window]:
+    """Cut consecutive hours into ts ranges of at most ``limit`` rows each (an hour over the
+    limit is a range of its own).
+
+    hours: (H, 2) ``hour``, ``rows`` ascending (see ``profile_lake``). Returns ascending,
+    disjoint ``[start, end)`` ranges that hold every row of those hours.
+    """
+    windows: list[Window] = []
+    start: datetime | None = None
+    rows = 0
+    for hour, count in hours.select("hour", "rows").iter_rows():
+        if start is not None and rows + count > limit:
+            windows.append((start, hour))
+            start, rows = None, 0
+        if start is None:
+            start = hour
+        rows += count
+    if start is not None:
+        windows.append((start, hours.get_column("hour").max() + timedelta(hours=1)))
+    return windows
+
+
+def plan_build(hours: pl.DataFrame, config: FeatureConfig) -> BuildPlan:
+    """Split dates, K and merge windows from the lake's profile.
+
+    hours: (H, 2) events per UTC hour (``profile_lake``), H > 0. K is ``config.user_buckets``,
+    or ceil(rows / ``config.max_rows_in_memory``) when that is None; a merge window holds at
+    most ``max_rows_in_memory / MERGE_WINDOW_DIVISOR`` rows (or a single hour).
+    """
+    hours = hours.with_columns(pl.col("hour").dt.date().alias("date"))
+    dates = split_dates(hours.get_column("date").unique().sort().to_list(), config)
+    total = int(hours.get_column("rows").sum())
+    buckets = config.user_buckets
+    if buckets is None:
+        buckets = max(1, -(-total // config.max_rows_in_memory))
+    limit = max(1, config.max_rows_in_memory // MERGE_WINDOW_DIVISOR)
+    windows = {
+        name: merge_windows(hours.filter(pl.col("date").is_in(ds)), limit)
+        for name, ds in dates.items()
+    }
+    return BuildPlan(dates=dates, buckets=buckets, windows=windows)
+
+
+def fit_vocabulary(lake_dir: Path, train_dates: list[date]) -> Vocabulary:
+    """The vocabulary of the training dates (a prefix of the lake's dates), fitted on a lazy
+    projection of the sparse columns: the streaming engine holds only the distinct ids."""
+    end = datetime.combine(train_dates[-1] + timedelta(days=1), time(), tzinfo=UTC)
+    train = (
+        scan_events(lake_dir)
+        .filter(pl.col("ts") < end)
+        .with_columns(pl.col("ts").dt.hour().cast(pl.Int64).alias("hour"))
+        .select(SPARSE_FEATURES)
+    )
+    return Vocabulary.fit(train, SPARSE_FEATURES)
+
+
+def user_bucket(buckets: int) -> pl.Expr:
+    """Bucket of each row's user, in [0, K): ``user_id mod K`` (stable across runs)."""
+    return pl.col("user_id").fill_null(0) % buckets
+
+
+def bucket_events(lake_dir: Path, bucket: int, buckets: int) -> pl.DataFrame:
+    """The events of the users of one bucket (n_b rows, contract columns, any order),
+    streamed from the lake with the bucket filter applied inside the Parquet scan."""
+    events = scan_events(lake_dir)
+    if buckets > 1:
+        events = events.filter(user_bucket(buckets) == bucket)
+    return events.collect(engine="streaming")
+
+
+def make_examples(
+    events: pl.DataFrame, split_of: dict[date, str], vocab: Vocabulary, schema: ExampleSchema
+) -> pl.DataFrame:
+    """Examples of ``events`` (n rows holding all events of their users): histories, the
+    split, encoded features and targets. Returns (n, C) sorted by ``SORT_KEY``."""
+    events = events.with_columns(pl.col("ts").dt.date().alias("date"))
+    events = attach_histories(events, schema.history_length).with_columns(
+        pl.col("date").replace_strict(split_of, return_dtype=pl.String).alias("split")
+    )
+    examples = encode_examples(events, vocab, schema).with_columns(task_targets(DEFAULT_TASKS))
+    return examples.sort(SORT_KEY)
+
+
+def split_frames(examples: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Split name -> its rows of ``examples``, in their order."""
+    return {name: examples.filter(pl.col("split") == name) for name in SPLITS}
+
+
+def merge_parts(parts: list[Path], windows: list[Window], target: Path) -> None:
+    """Write ``target`` with the rows of all ``parts`` in ``SORT_KEY`` order, holding one
+    window at a time: each ``[start, end)`` ts range is read from every part (row groups
+    outside it are skipped by their statistics), sorted, and streamed to the file."""
+    scan = pl.scan_parquet(parts)
+
+    def batches(
+        with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None,
+        batch_size: int | None,
+    ) -> Iterator[pl.DataFrame]:
+        for start, end in windows:
+            rows = scan.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+            frame = rows.collect(engine="streaming").sort(SORT_KEY)
+            if predicate is not None:
+                frame = frame.filter(predicate)
+            yield frame if with_columns is None else frame.select(with_columns)
+
+    merged = register_io_source(batches, schema=scan.collect_schema(), is_pure=True)
+    merged.sink_parquet(target, engine="streaming")
+
+
+def write_parts(examples: pl.DataFrame, parts: Path, bucket: int) -> dict[str, int]:
+    """Write one bucket's examples (n_b, C) as ``parts/<split>/bucket-<b>.parquet`` (splits
+    it has rows of only); rows per split."""
+    rows = {}
+    for name, frame in split_frames(examples).items():
+        rows[name] = frame.height
+        if frame.height:
+            (parts / name).mkdir(parents=True, exist_ok=True)
+            frame.write_parquet(parts / name / f"bucket-{bucket:05d}.parquet",
+                                compression="lz4", row_group_size=PART_ROW_GROUP)
+    return rows
+
+
+def write_bucketed(
+    lake_dir: Path, staging: Path, plan: BuildPlan, vocab: Vocabulary, schema: ExampleSchema
+) -> dict[str, int]:
+    """Write ``staging/<split>.parquet`` one user bucket at a time (K > 1), then merge the
+    parts; rows per split."""
+    parts = staging / PARTS_DIR
+    rows = dict.fromkeys(SPLITS, 0)
+    for bucket in range(plan.buckets):
+        events = bucket_events(lake_dir, bucket, plan.buckets)
+        if events.height == 0:
+            continue
+        examples = make_examples(events, plan.split_of, vocab, schema)
+        del events
+        for name, count in write_parts(examples, parts, bucket).items():
+            rows[name] += count
+    for name in SPLITS:
+        files = sorted((parts / name).glob("*.parquet"))
+        merge_parts(files, plan.windows[name], staging / f"{name}.parquet")
+    shutil.rmtree(parts)
+    return rows
+
+
+def write_whole(
+    lake_dir: Path, staging: Path, plan: BuildPlan, vocab: Vocabulary, schema: ExampleSchema
+) -> dict[str, int]:
+    """Write ``staging/<split>.parquet`` from the whole lake at once (K = 1); rows per split."""
+    examples = make_examples(bucket_events(lake_dir, 0, 1), plan.split_of, vocab, schema)
+    frames = split_frames(examples)
+    for name, frame in frames.items():
+        frame.write_parquet(staging / f"{name}.parquet")
+    return {name: frame.height for name, frame in frames.items()}
+
+
 def build_examples(
     lake_dir: Path, out_dir: Path, config: FeatureConfig = FeatureConfig()
 ) -> BuildReport:
-    """Turn every impression in the lake into an example of its split; see module doc."""
-    events = scan_events(lake_dir).collect()
-    if events.height == 0:
+    """Turn every impression in the lake into an example of its split; see module doc.
+
+    Holds about ``config.max_rows_in_memory`` rows at a time (plus the vocabulary); a
+    failure leaves ``out_dir`` as it was.
+    """
+    hours = profile_lake(lake_dir)
+    if hours.height == 0:
         raise FeatureBuildError(f"{lake_dir}: the lake holds no events; run `recpipe ingest`")
-    events = events.with_columns(pl.col("ts").dt.date().alias("date"))
-    dates = split_dates(sorted(events.get_column("date").unique().to_list()), config)
-    split_of = {d: name for name, ds in dates.items() for d in ds}
-    events = attach_histories(events, config.history_length).with_columns(
-        pl.col("date").replace_strict(split_of, return_dtype=pl.String).alias("split")
-    )
-    train_rows = events.filter(pl.col("split") == "train").with_columns(
-        pl.col("ts").dt.hour().cast(pl.Int64).alias("hour")
-    )
-    vocab = Vocabulary.fit(train_rows, SPARSE_FEATURES)
+    plan = plan_build(hours, config)
+    vocab = fit_vocabulary(lake_dir, plan.dates["train"])
     schema = ExampleSchema(
         history_length=config.history_length,
         vocab_sizes={name: vocab.size(name) for name in SPARSE_FEATURES},
     )
-    examples = encode_examples(events, vocab, schema).with_columns(task_targets(DEFAULT_TASKS))
-    examples = examples.sort("ts", "event_id")
-    frames = {name: examples.filter(pl.col("split") == name) for name in SPLITS}
-    report = BuildReport(
-        out_dir=str(out_dir),
-        rows={name: frame.height for name, frame in frames.items()},
-        dates={name: [str(d) for d in ds] for name, ds in dates.items()},
-        vocab_sizes=schema.vocab_sizes,
-    )
-    meta = {"schema": schema.to_dict(), "config": asdict(config), "report": report.to_dict()}
-    write_atomically(
-        frames,
-        {"vocab.json": vocab.to_json(), "schema.json": json.dumps(meta, indent=2, default=str)},
-        out_dir,
-    )
+    write = write_whole if plan.buckets == 1 else write_bucketed
+    with atomic_dir(out_dir) as staging:
+        rows = write(lake_dir, staging, plan, vocab, schema)
+        report = BuildReport(
+            out_dir=str(out_dir),
+            rows=rows,
+            dates={name: [str(d) for d in ds] for name, ds in plan.dates.items()},
+            vocab_sizes=schema.vocab_sizes,
+        )
+        meta = {"schema": schema.to_dict(), "config": config.recorded(),
+                "report": report.to_dict()}
+        (staging / "vocab.json").write_text(vocab.to_json())
+        (staging / "schema.json").write_text(json.dumps(meta, indent=2, default=str))
     return report
 
 

@@ -25,11 +25,19 @@ class Vocabulary:
     ids: Mapping[str, tuple[int | str, ...]]
 
     @classmethod
-    def fit(cls, frame: pl.DataFrame, features: Sequence[str]) -> Vocabulary:
-        """Fit on ``frame`` (the training rows only); nulls are not part of a vocabulary."""
+    def fit(cls, frame: pl.DataFrame | pl.LazyFrame, features: Sequence[str]) -> Vocabulary:
+        """Fit on ``frame`` (the training rows only); nulls are not part of a vocabulary.
+
+        A LazyFrame is aggregated by the streaming engine: only the distinct ids of each
+        feature are ever held, never the rows.
+        """
+        distinct = pl.collect_all(
+            [frame.lazy().select(name).drop_nulls().unique() for name in features],
+            engine="streaming",
+        )
         ids = {
-            name: tuple(frame.get_column(name).drop_nulls().unique().sort().to_list())
-            for name in features
+            name: tuple(values.get_column(name).sort().to_list())
+            for name, values in zip(features, distinct, strict=True)
         }
         return cls(ids)
 

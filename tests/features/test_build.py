@@ -1,19 +1,30 @@
-"""Histories strictly before each impression, train-only vocabularies, the time split."""
+"""Histories strictly before each impression, train-only vocabularies, the time split, and
+the bucketed (bounded-memory) build writing exactly what the whole-lake build writes."""
 
 from __future__ import annotations
 
-from datetime import date
+import json
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
+import features.build as build
 from features.build import (
+    SPLITS,
     FeatureBuildError,
     FeatureConfig,
     attach_histories,
+    build_examples,
+    merge_windows,
+    plan_build,
+    profile_lake,
     split_dates,
 )
 from features.encode import encode_examples
+from features.lake import partition_file, write_events
 from features.schema import SPARSE_FEATURES, ExampleSchema
 from features.vocab import UNKNOWN_INDEX, Vocabulary
 
@@ -91,3 +102,136 @@ def test_slots_of_one_request_do_not_see_each_other_even_with_later_timestamps(t
     assert shared.height > 0
     for histories in shared.get_column("hist_item_id").to_list():
         assert all(h == histories[0] for h in histories)
+
+
+def write_lake(events: pl.DataFrame, lake: Path) -> Path:
+    """A lake holding ``events`` (one partition per UTC date), without going through ingest."""
+    for (day,), part in events.group_by(pl.col("ts").dt.date()):
+        write_events(part, partition_file(lake, day))
+    return lake
+
+
+def read_examples(out: Path) -> dict[str, pl.DataFrame | str]:
+    """Every file of an examples dir: frames for Parquet, text for JSON."""
+    files: dict[str, pl.DataFrame | str] = {
+        name: pl.read_parquet(out / f"{name}.parquet") for name in SPLITS
+    }
+    files.update({name: (out / name).read_text() for name in ("vocab.json", "schema.json")})
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{name}.parquet" for name in SPLITS] + ["vocab.json", "schema.json"]
+    )
+    return files
+
+
+@pytest.fixture
+def tiny_lake(tmp_path, tiny_events) -> Path:
+    # staggered slots and some requests without id: every history rule is exercised
+    events = tiny_events.with_columns(
+        pl.col("ts") + pl.duration(milliseconds=pl.col("position")),
+        pl.when(pl.col("user_id") % 3 == 0).then(None).otherwise(pl.col("request_id"))
+        .alias("request_id"),
+    )
+    return write_lake(events, tmp_path / "lake")
+
+
+@pytest.mark.parametrize("max_rows", [2_000_000, 100])
+def test_bucketed_build_writes_exactly_the_whole_lake_build(tiny_lake, tmp_path, max_rows):
+    out = tmp_path / "examples"
+    whole = build_examples(tiny_lake, out, FeatureConfig(history_length=6, user_buckets=1))
+    expected = read_examples(out)
+    config = FeatureConfig(history_length=6, user_buckets=3, max_rows_in_memory=max_rows)
+    bucketed = build_examples(tiny_lake, out, config)
+    got = read_examples(out)
+    assert bucketed == whole
+    for name in SPLITS:  # same rows, same order, same dtypes
+        assert_frame_equal(got[name], expected[name])
+        assert got[name].get_column("event_id").to_list() == (
+            expected[name].sort("ts", "event_id").get_column("event_id").to_list()
+        )
+    assert got["vocab.json"] == expected["vocab.json"]
+    assert got["schema.json"] == expected["schema.json"]
+    assert "user_buckets" not in json.loads(got["schema.json"])["config"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_bucketed_build_does_not_leak_across_the_time_split(tiny_lake, tmp_path, tiny_events):
+    out = tmp_path / "examples"
+    report = build_examples(tiny_lake, out, FeatureConfig(history_length=6, user_buckets=3,
+                                                          max_rows_in_memory=100))
+    frames = {name: pl.read_parquet(out / f"{name}.parquet") for name in SPLITS}
+    assert sum(report.rows.values()) == tiny_events.height
+    for earlier, later in zip(SPLITS, SPLITS[1:], strict=False):
+        assert frames[earlier].get_column("ts").max() < frames[later].get_column("ts").min()
+    vocab = Vocabulary.from_json((out / "vocab.json").read_text())
+    train_dates = [date.fromisoformat(d) for d in report.dates["train"]]
+    train_events = tiny_events.filter(pl.col("ts").dt.date().is_in(train_dates))
+    assert set(vocab.ids["item_id"]) == set(train_events.get_column("item_id"))
+    assert set(vocab.ids["user_id"]) == set(train_events.get_column("user_id"))
+    for name in SPLITS:  # every history item is strictly earlier than its impression
+        for row in frames[name].select("user_id", "ts", "hist_item_id").iter_rows(named=True):
+            past = tiny_events.filter((pl.col("user_id") == row["user_id"])
+                                      & (pl.col("ts") < row["ts"]))
+            assert set(row["hist_item_id"]) <= set(past.get_column("item_id"))
+
+
+def test_a_failed_build_leaves_the_previous_examples_untouched(tiny_lake, tmp_path,
+                                                               monkeypatch):
+    out = tmp_path / "examples"
+    build_examples(tiny_lake, out, FeatureConfig(history_length=6, valid_days=2))
+    before = read_examples(out)
+
+    def fail(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build, "merge_parts", fail)
+    with pytest.raises(OSError, match="disk full"):
+        build_examples(tiny_lake, out, FeatureConfig(history_length=6, user_buckets=3))
+    after = read_examples(out)
+    for name, value in before.items():
+        if isinstance(value, pl.DataFrame):
+            assert_frame_equal(after[name], value)
+        else:
+            assert after[name] == value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["examples", "lake"]
+
+
+def test_the_plan_picks_k_from_the_row_count_and_windows_cover_every_row():
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    hours = pl.DataFrame({
+        "hour": [start + timedelta(hours=h) for h in range(0, 96, 2)],
+        "rows": [300_000 if h % 24 == 12 else 10_000 for h in range(0, 96, 2)],
+    }).with_columns(pl.col("hour").dt.cast_time_unit("us"), pl.col("rows").cast(pl.UInt32))
+    # 1,640,000 rows over 4 dates; the noon hours hold 300,000 each
+    assert plan_build(hours, FeatureConfig()).buckets == 1
+    assert plan_build(hours, FeatureConfig(max_rows_in_memory=500_000)).buckets == 4
+    assert plan_build(hours, FeatureConfig(user_buckets=3)).buckets == 3
+    plan = plan_build(hours, FeatureConfig(max_rows_in_memory=250_000))
+    assert plan.dates["test"] == [date(2026, 1, 4)]
+    for name, days in plan.dates.items():
+        mine = hours.filter(pl.col("hour").dt.date().is_in(days))
+        windows = plan.windows[name]
+        assert all(a[1] <= b[0] for a, b in zip(windows, windows[1:], strict=False))
+        counts = [mine.filter(pl.col("hour").is_between(lo, hi, closed="left"))
+                  .get_column("rows").sum() for lo, hi in windows]
+        assert sum(counts) == mine.get_column("rows").sum()
+        # half the rows of a bucket per window; an hour bigger than that stands alone
+        assert all(c <= 250_000 // build.MERGE_WINDOW_DIVISOR or c == 300_000 for c in counts)
+        assert len(windows) > len(days)
+    assert merge_windows(hours.head(0), 10) == []
+
+
+def test_profile_lake_counts_rows_per_hour(tiny_lake, tiny_events):
+    hours = profile_lake(tiny_lake)
+    assert hours.get_column("rows").sum() == tiny_events.height
+    assert hours.get_column("hour").is_sorted()
+    empty = tiny_lake.parent / "empty"
+    empty.mkdir()
+    assert profile_lake(empty).height == 0
+    with pytest.raises(FeatureBuildError, match="no events"):
+        build_examples(empty, tiny_lake.parent / "out")
+
+
+def test_vocabulary_fits_a_lazy_frame_like_its_rows(tiny_events):
+    frame = tiny_events.with_columns(pl.col("ts").dt.hour().cast(pl.Int64).alias("hour"))
+    assert Vocabulary.fit(frame.lazy(), SPARSE_FEATURES) == Vocabulary.fit(frame,
+                                                                           SPARSE_FEATURES)
