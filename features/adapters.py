@@ -87,57 +87,76 @@ class Adapter:
         source: the source name (also the ``source`` value of its rows, except canonical).
         formats: file formats the source comes in.
         columns: raw columns every input file must have (they are read, and quarantined).
-        fields: input schema -> one :class:`Field` per contract column.
+        fields: input schema -> one :class:`Field` per contract column; with ``fast=True``
+            the fields that :func:`features.validation.screen` takes.
     """
 
     source: str
     formats: tuple[Format, ...]
     columns: tuple[str, ...]
-    fields: Callable[[pl.Schema], list[Field]]
+    fields: Callable[..., list[Field]]
 
-    def scan(self, file: InputFile) -> pl.LazyFrame:
-        """Lazy scan of ``file``: the adapter's raw columns plus a 1-based ``row_number``."""
+    def scan(self, file: InputFile, offset: int = 0, length: int | None = None) -> pl.LazyFrame:
+        """Lazy scan of ``file``: the adapter's raw columns plus a 1-based ``row_number``.
+
+        ``offset``, ``length``: only these data rows (row numbers stay those of the file).
+        """
         if file.format == "csv":
             lf = pl.scan_csv(file.path, infer_schema=False)
         else:
             lf = pl.scan_parquet(file.path)
-        return lf.select(self.columns).with_row_index(ROW_NUMBER, offset=1)
+        if offset or length is not None:
+            # slice first: a slice after the row index would not reach the reader, which
+            # would then parse every row before ``offset`` in full
+            lf = lf.slice(offset, length)
+        return lf.select(self.columns).with_row_index(ROW_NUMBER, offset=1 + offset)
 
 
 # ------------------------------------------------------------------------------- fields
 
 
-def canonical_fields(schema: pl.Schema) -> list[Field]:
-    """Contract columns read as they are (text parsed, native dtypes cast)."""
+def canonical_fields(schema: pl.Schema, *, fast: bool = False) -> list[Field]:
+    """Contract columns read as they are (text parsed, native dtypes cast).
+
+    ``fast``: cells are parsed without normalising them first (for the screen:
+    :func:`features.validation.screen`).
+    """
     fields = []
     for name in EVENT_COLUMNS:
-        value, failure = parse_as(name, EVENT_SCHEMA[name], schema[name])
+        value, failure = parse_as(name, EVENT_SCHEMA[name], schema[name], fast=fast)
         fields.append(Field(name, value, raw=name, failure=failure))
     return fields
 
 
-def simulator_fields(schema: pl.Schema) -> list[Field]:
+def simulator_fields(schema: pl.Schema, *, fast: bool = False) -> list[Field]:
     """Canonical columns, but ``source`` must be ``"simulator"``."""
     source = normalized(as_text("source", schema["source"]))
     only_simulator = pl.when(source == "simulator").then(source)
     return [
         Field("source", only_simulator, raw="source", failure="not 'simulator'")
         if field.name == "source" else field
-        for field in canonical_fields(schema)
+        for field in canonical_fields(schema, fast=fast)
     ]
 
 
-def kuairand_fields(_schema: pl.Schema) -> list[Field]:
+def kuairand_fields(_schema: pl.Schema, *, fast: bool = False) -> list[Field]:
     """The KuaiRand mapping (ms -> s, ``is_forward`` -> share, ``is_rand`` -> policy).
 
     A KuaiRand file is a CSV, so every raw column is text whatever the schema says.
     ``event_id`` is ``kuairand-{user_id}-{video_id}-{time_ms}`` (``?`` for a part that is
-    missing or bad, the row being quarantined for that part anyway).
+    missing or bad, the row being quarantined for that part anyway). ``fast``: as for
+    :func:`canonical_fields`.
     """
-    user = parse_int(pl.col("user_id"))
-    video = parse_int(pl.col("video_id"))
-    millis = parse_int(pl.col("time_ms"))
-    is_rand = parse_int(pl.col("is_rand"))
+    def integer(column: str) -> pl.Expr:
+        return parse_int(pl.col(column), fast=fast)
+
+    def number(column: str) -> pl.Expr:
+        return parse_float(pl.col(column), fast=fast)
+
+    user = integer("user_id")
+    video = integer("video_id")
+    millis = integer("time_ms")
+    is_rand = integer("is_rand")
     parts = [part.cast(pl.String).fill_null("?") for part in (user, video, millis)]
     event_id = pl.concat_str(pl.lit("kuairand"), *parts, separator="-")
     policy = (
@@ -145,7 +164,7 @@ def kuairand_fields(_schema: pl.Schema) -> list[Field]:
         .when(is_rand == 0).then(pl.lit("kuairand-production"))
     )
     labels = [
-        Field(label, parse_int(pl.col(KUAIRAND_LABELS[label])), raw=KUAIRAND_LABELS[label],
+        Field(label, integer(KUAIRAND_LABELS[label]), raw=KUAIRAND_LABELS[label],
               failure=NOT_INTEGER)
         for label in BINARY_LABELS if label in KUAIRAND_LABELS
     ]
@@ -158,11 +177,11 @@ def kuairand_fields(_schema: pl.Schema) -> list[Field]:
         Field("item_type", pl.lit("video")),
         Field("author_id", pl.lit(None, dtype=pl.Int64)),
         Field("position", pl.lit(None, dtype=pl.Int64)),
-        Field("duration_s", parse_float(pl.col("duration_ms")) / 1000.0, raw="duration_ms",
+        Field("duration_s", number("duration_ms") / 1000.0, raw="duration_ms",
               failure=NOT_NUMBER),
         *labels,
         Field("gift", pl.lit(None, dtype=pl.Int64)),
-        Field("watch_time_s", parse_float(pl.col("play_time_ms")) / 1000.0, raw="play_time_ms",
+        Field("watch_time_s", number("play_time_ms") / 1000.0, raw="play_time_ms",
               failure=NOT_NUMBER),
         Field("propensity", pl.lit(None, dtype=pl.Float64)),
         Field("policy", policy, raw="is_rand", failure="is_rand not 0 or 1"),

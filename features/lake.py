@@ -90,11 +90,16 @@ def read_partition(lake_dir: Path, day: date) -> pl.DataFrame | None:
     return pl.read_parquet(path).select(EVENT_COLUMNS).cast(EVENT_SCHEMA)  # type: ignore[arg-type]
 
 
-def write_events(events: pl.DataFrame, path: Path) -> None:
-    """Write a partition file: contract columns, sorted by (ts, event_id), deterministic bytes."""
+def write_events(events: pl.DataFrame, path: Path, *, presorted: bool = False) -> None:
+    """Write a partition file: contract columns, sorted by (ts, event_id), deterministic bytes.
+
+    ``presorted``: ``events`` is sorted by :data:`SORT_KEY` already (not checked).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame = events.select(EVENT_COLUMNS).cast(EVENT_SCHEMA).sort(SORT_KEY)  # type: ignore[arg-type]
-    frame.write_parquet(path, compression="zstd", statistics=True)
+    frame = events.select(EVENT_COLUMNS).cast(EVENT_SCHEMA)  # type: ignore[arg-type]
+    if not presorted:
+        frame = frame.sort(SORT_KEY)
+    frame.write_parquet(path, compression="zstd", compression_level=1, statistics=True)
 
 
 @contextmanager

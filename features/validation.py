@@ -13,6 +13,13 @@ as "outside {0,1}" rather than as an Int8 overflow), and splits the batch into
 A reason is ``"<column>: <problem>"`` optionally followed by `` (<detail>)``; the part without
 the detail is its *code* (stable, countable). One column yields at most one reason: a cell that
 failed to parse is reported as such, not also as missing.
+
+Explaining rejections is the costly part, and nearly every row is valid, so large inputs are
+first *screened* (:func:`screen`, lazily, in Polars' streaming engine): fields built with
+``fast=True`` parse clean cells (no surrounding whitespace) without normalising them first, and
+the contract's rules are evaluated as plain expressions. A row the screen passes is accepted by
+:func:`validate_batch` with the same values; every other row goes through
+:func:`validate_batch`, which gives the verdict and the reasons.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ ROW_NUMBER = "row_number"
 
 PARSED = "parsed"
 """Internal flag column: every non-empty raw cell of the row parsed."""
+
+CLEAN = "_clean"
+"""Column added by :func:`screen`: the row certainly passes validation."""
 
 RAW_PREFIX = "raw:"
 """Prefix of the raw text columns while reasons are computed."""
@@ -84,7 +94,8 @@ class BatchResult:
     """One validated batch.
 
     Attributes:
-        accepted: valid rows, contract columns and dtypes, input order.
+        accepted: valid rows, contract columns and dtypes (after ``row_number`` when asked
+            for), input order.
         rejected: invalid rows: ``row_number``, the raw columns as text, ``reason``.
         reason_codes: reason code -> number of rejected rows carrying it.
     """
@@ -159,24 +170,32 @@ def as_text(column: str, dtype: pl.DataType) -> pl.Expr:
     return expr if dtype == pl.String() else expr.cast(pl.String)
 
 
-def parse_int(text: pl.Expr) -> pl.Expr:
-    """Text -> Int64; null when missing or not an integer."""
-    return normalized(text).cast(pl.Int64, strict=False)
+def parse_int(text: pl.Expr, *, fast: bool = False) -> pl.Expr:
+    """Text -> Int64; null when missing or not an integer.
+
+    ``fast``: parse the cell as it is, without stripping whitespace first (a padded cell comes
+    out null: see :func:`screen`); wherever the fast value is not null, it is the value.
+    """
+    return (text if fast else normalized(text)).cast(pl.Int64, strict=False)
 
 
-def parse_float(text: pl.Expr) -> pl.Expr:
-    """Text -> Float64; null when missing or not a number (nan/inf are caught by the rules)."""
-    return normalized(text).cast(pl.Float64, strict=False)
+def parse_float(text: pl.Expr, *, fast: bool = False) -> pl.Expr:
+    """Text -> Float64; null when missing or not a number (nan/inf are caught by the rules).
+
+    ``fast``: as for :func:`parse_int`.
+    """
+    return (text if fast else normalized(text)).cast(pl.Float64, strict=False)
 
 
-def parse_timestamp(text: pl.Expr) -> pl.Expr:
+def parse_timestamp(text: pl.Expr, *, fast: bool = False) -> pl.Expr:
     """ISO-8601 text -> Datetime(us, UTC); null when missing or unparsable.
 
     Accepts ``YYYY-MM-DD[T| ]HH:MM:SS[.fff…]`` with an optional offset (``Z``, ``+00:00``,
-    ``+0000``); a timestamp without an offset is taken as UTC.
+    ``+0000``); a timestamp without an offset is taken as UTC. ``fast``: as for
+    :func:`parse_int`.
     """
     iso = (
-        normalized(text)
+        (text if fast else normalized(text))
         .str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T")
         .str.replace(r"Z$", "+00:00")
     )
@@ -194,35 +213,78 @@ def from_epoch_ms(millis: pl.Expr) -> pl.Expr:
     return moment.dt.cast_time_unit("us").dt.replace_time_zone("UTC")
 
 
-def parse_as(column: str, target: pl.DataType, source: pl.DataType) -> tuple[pl.Expr, str]:
+def parse_as(
+    column: str, target: pl.DataType, source: pl.DataType, *, fast: bool = False
+) -> tuple[pl.Expr, str]:
     """Parse raw ``column`` (dtype ``source``) into the validation dtype of contract ``target``.
 
     Columns that already have a compatible native dtype (any integer for an integer column,
     any number for a float, any Datetime for ``ts``) are cast directly; everything else goes
-    through its text. Returns the expression and what a parse failure is called.
+    through its text (``fast``: see :func:`parse_int`; text columns are always normalised).
+    Returns the expression and what a parse failure is called.
     """
     col = pl.col(column)
     if target.is_integer():
         if source.is_integer():
             return col.cast(pl.Int64, strict=False), NOT_INTEGER
-        return parse_int(as_text(column, source)), NOT_INTEGER
+        return parse_int(as_text(column, source), fast=fast), NOT_INTEGER
     if target.is_float():
         if source.is_integer() or source.is_float():
             return col.cast(pl.Float64), NOT_NUMBER
-        return parse_float(as_text(column, source)), NOT_NUMBER
+        return parse_float(as_text(column, source), fast=fast), NOT_NUMBER
     if isinstance(target, pl.Datetime):
         if isinstance(source, pl.Datetime):
             utc = col.dt.convert_time_zone("UTC") if source.time_zone else col
             return utc.dt.replace_time_zone("UTC").dt.cast_time_unit("us"), UNPARSABLE
-        return parse_timestamp(as_text(column, source)), UNPARSABLE
+        return parse_timestamp(as_text(column, source), fast=fast), UNPARSABLE
     return normalized(as_text(column, source)), NOT_TEXT
 
 
 # ---------------------------------------------------------------------------- validation
 
 
-def validate_batch(raw: pl.DataFrame, fields: Sequence[Field]) -> BatchResult:
-    """Split one raw batch (raw columns + ``row_number``) into accepted and rejected rows."""
+def screen(raw: pl.LazyFrame, fields: Sequence[Field]) -> pl.LazyFrame:
+    """Parse ``raw`` (raw columns + ``row_number``) lazily and flag the rows that certainly pass.
+
+    ``fields`` are built with ``fast=True``. The result has ``row_number``, the raw columns
+    renamed ``raw:<column>``, the contract columns in the validation dtypes of
+    :class:`ParsedEvents`, and :data:`CLEAN`: every non-null raw cell parsed and every rule of
+    :class:`ParsedEvents` holds. A clean row is one that :func:`validate_batch` (with the
+    ordinary fields) accepts with the same values; a row that is not clean may still be
+    valid (a padded cell, say) and must be given to :func:`validate_batch`.
+    """
+    _check_fields(fields)
+    schema = raw.collect_schema()
+    raw_columns = [c for c in schema.names() if c != ROW_NUMBER]
+    parsed = pl.all_horizontal(
+        True, *[pl.col(f.raw).is_null() | f.value.is_not_null() for f in fields if f.raw]
+    )
+    rules = [rule.fill_null(True) for rule in row_rules().values()]
+    return raw.select(
+        ROW_NUMBER,
+        *[pl.col(c).alias(RAW_PREFIX + c) for c in raw_columns],
+        parsed.alias(PARSED),
+        *[field.value.alias(field.name) for field in fields],
+    ).with_columns(pl.all_horizontal(*rules).alias(CLEAN))
+
+
+def row_rules() -> dict[str, pl.Expr]:
+    """The rules of :class:`ParsedEvents` as expressions (``"<column>|<rule>"`` -> true when
+    the row passes; null counts as passing, as in dataframely)."""
+    return {
+        f"{name}|{rule}": expr
+        for name, column in ParsedEvents.columns().items()
+        for rule, expr in column.validation_rules(pl.col(name)).items()
+    }
+
+
+def validate_batch(
+    raw: pl.DataFrame, fields: Sequence[Field], *, keep_row_number: bool = False
+) -> BatchResult:
+    """Split one raw batch (raw columns + ``row_number``) into accepted and rejected rows.
+
+    ``keep_row_number``: the accepted rows keep ``row_number`` (Int64) as their first column.
+    """
     _check_fields(fields)
     raw_columns = [c for c in raw.columns if c != ROW_NUMBER]
     parsed = raw.select(
@@ -231,7 +293,9 @@ def validate_batch(raw: pl.DataFrame, fields: Sequence[Field]) -> BatchResult:
         *[field.value.alias(field.name) for field in fields],
     ).select(ParsedEvents.column_names())
     good, failure = ParsedEvents.filter(parsed)
-    accepted = good.select(EVENT_COLUMNS).cast(EVENT_SCHEMA)  # type: ignore[arg-type]
+    accepted = good.select(*([ROW_NUMBER] if keep_row_number else []), *EVENT_COLUMNS).cast(
+        EVENT_SCHEMA  # type: ignore[arg-type]
+    )
     details = failure.details()
     rules = [c for c in details.columns if "|" in c]
     raw_text = raw.select(
