@@ -27,7 +27,7 @@ from flows.allocation_steps import (
     print_allocator_summary,
 )
 from flows.pretrain_steps import add_pretrain_arguments, cmd_pretrain
-from flows.torchrun import (  # noqa: F401 (torchrun_rendezvous, default_embedding_optimizer: API)
+from flows.torchrun import (
     add_distributed_arguments,
     default_embedding_optimizer,
     is_distributed,

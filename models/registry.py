@@ -155,9 +155,15 @@ def log_ranker(ranker: LoadedRanker, example_rows: pl.DataFrame) -> str:
 
 def register(model_uri: str, name: str, run_tags: dict[str, str] | None = None) -> dict:
     """Register ``model_uri`` as a new version of ``name``; alias it ``challenger``, and also
-    ``champion`` when the model has no champion yet. Returns version and aliases."""
+    ``champion`` when the model has no champion yet. Returns version and aliases.
+
+    Idempotent: a ``model_uri`` already registered under ``name`` (a resumed run registering
+    again) keeps its version; only the aliases are set again."""
     client = MlflowClient()
-    registered = mlflow.register_model(model_uri, name, tags=run_tags)
+    existing = [v for v in client.search_model_versions(f"name='{name}'")
+                if v.source == model_uri]
+    registered = existing[0] if existing else mlflow.register_model(model_uri, name,
+                                                                    tags=run_tags)
     client.set_registered_model_alias(name, CHALLENGER, registered.version)
     aliases = [CHALLENGER]
     if alias_version(name, CHAMPION) is None:

@@ -40,7 +40,6 @@ from models.losses import MultiTaskLoss
 from models.rankers import RankerConfig, build_ranker
 from models.registry import load_ranker
 from models.training import TrainConfig, make_optimisers
-from tests.conftest import make_events
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -59,17 +58,6 @@ AUC_TOLERANCE = 0.03
 """The same for the click AUC (measured up to 0.016; seed-to-seed spread of one process
 0.025). The rarer labels' AUCs (like, follow: a few dozen positives) move by up to 0.1
 between shuffles and are not compared."""
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("distributed")
-    workspace = Workspace(root / "ws").create()
-    raw = root / "events.parquet"
-    make_events().write_parquet(raw)
-    ingest_step("canonical", raw, workspace)
-    features_step(workspace)
-    return workspace
 
 
 @pytest.mark.parametrize(("n_rows", "world"), [(10, 2), (11, 3), (5, 5), (7, 1)])

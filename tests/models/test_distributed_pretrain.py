@@ -19,8 +19,6 @@ import pytest
 import torch
 
 from flows.cli import main
-from flows.steps import features_step, ingest_step
-from flows.workspace import Workspace
 from models.distributed import shard_keys
 from models.pretraining import PretrainConfig, UserSequences, pretrain
 from models.user_encoder_registry import load_user_encoder
@@ -30,7 +28,6 @@ from models.user_encoders.encoder import (
     append_item_table_row,
     build_user_encoder,
 )
-from tests.conftest import make_events
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,17 +39,6 @@ and masks, so they differ by their sampling only. Measured over seeds 1-3: at mo
 fall far below log 60 = 4.09 (it ends at ~4.07) whatever the machinery does; it catches a
 broken run (a loss that diverges, or stays at a wrong scale), not a subtle bias."""
 SMALL = ("--embedding-dim", "16", "--layers", "1", "--batch-size", "16")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("distributed-pretrain")
-    workspace = Workspace(root / "ws").create()
-    raw = root / "events.parquet"
-    make_events().write_parquet(raw)
-    ingest_step("canonical", raw, workspace)
-    features_step(workspace)
-    return workspace
 
 
 def test_users_are_shared_out_whole_and_disjoint():
