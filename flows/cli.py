@@ -481,7 +481,7 @@ def ensure_prefect_server(workspace: Workspace, port: int, timeout_s: float = 12
     """Return the API URL of a healthy Prefect server, starting one in the background (logs
     in ``<home>/prefect/server.log``) when none answers at ``$PREFECT_API_URL`` or the port."""
     api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
-    if prefect_healthy(api_url):
+    if answers_health(api_url):
         return api_url
     log = (workspace.prefect_home / "server.log").open("ab")
     subprocess.Popen(
@@ -492,16 +492,17 @@ def ensure_prefect_server(workspace: Workspace, port: int, timeout_s: float = 12
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if prefect_healthy(api_url):
+        if answers_health(api_url):
             return api_url
         time.sleep(1.0)
     raise UserError(f"the Prefect server did not answer at {api_url} within {timeout_s:.0f} s; "
                     f"see {workspace.prefect_home / 'server.log'}")
 
 
-def prefect_healthy(api_url: str) -> bool:
+def answers_health(base_url: str) -> bool:
+    """``GET <base_url>/health`` answers 200 (a Prefect API or an MLflow server is up)."""
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -71,3 +73,18 @@ def encode_for_tests(events: pl.DataFrame, history_length: int = 8):
 @pytest.fixture
 def tiny_examples(tiny_events):
     return encode_for_tests(tiny_events)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_json(capsys, *argv: str) -> dict:
+    """Run ``recpipe *argv --json`` in-process; it must exit 0. Its JSON summary."""
+    from flows.cli import main
+
+    assert main([*argv, *(() if "--json" in argv else ("--json",))]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -3,11 +3,10 @@ and clear non-zero exits on bad input."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from flows.cli import USER_ERROR_EXIT, main
+from tests.conftest import run_json
 
 
 @pytest.fixture
@@ -16,11 +15,6 @@ def home(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RECPIPE_HOME", str(tmp_path / "ws"))
     return tmp_path / "ws"
-
-
-def run_json(capsys, *argv: str) -> dict:
-    assert main([*argv, "--json"]) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_steps_chain_from_simulation_to_a_registered_ranker(home, tmp_path, capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,14 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import prefect_healthy
+from flows.cli import answers_health
 from flows.workspace import Workspace
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
 MIN_LEAD_S = 40
 """The cron minute is at least this far ahead: time for the deployment to be served."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def next_minute(now: datetime) -> datetime:
@@ -84,7 +78,7 @@ def test_the_cron_schedule_fires_a_nightly_run_on_a_real_prefect_server(tmp_path
                     "--port", str(port)], server_log, env)
     schedule = None
     try:
-        wait_until(lambda: prefect_healthy(api_url), 120, "the Prefect server did not start",
+        wait_until(lambda: answers_health(api_url), 120, "the Prefect server did not start",
                    [server_log])
         fire_at = next_minute(datetime.now(UTC))
         schedule = start(

@@ -4,37 +4,21 @@ registry live there, not in the workspace."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import main
+from flows.cli import answers_health
 from flows.workspace import TRACKING_URI_ENV, Workspace
+from tests.conftest import free_port, run_json
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -48,7 +32,7 @@ def tracking_server(tmp_path):
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not healthy(url):
+    while not answers_health(url):
         if time.monotonic() > deadline or server.poll() is not None:
             os.killpg(server.pid, signal.SIGKILL)
             pytest.fail(f"no mlflow server: {(tmp_path / 'mlflow-server.log').read_text()}")
@@ -56,11 +40,6 @@ def tracking_server(tmp_path):
     yield url
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
-
-
-def run_json(capsys, *argv: str) -> dict:
-    assert main([*argv, "--json"]) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_training_registers_on_the_shared_tracking_server(tracking_server, tmp_path, monkeypatch,

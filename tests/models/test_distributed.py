@@ -12,15 +12,13 @@ integration tests launch real ``torchrun`` ranks on CPU (gloo) over a tiny works
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
-from flows.cli import launch_train_ranker, main
+from flows.cli import launch_train_ranker
 from flows.steps import (
     RankerJob,
     SimulateParams,
@@ -40,6 +38,7 @@ from models.losses import MultiTaskLoss
 from models.rankers import RankerConfig, build_ranker
 from models.registry import load_ranker
 from models.training import TrainConfig, make_optimisers
+from tests.conftest import run_json
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -201,10 +200,8 @@ def test_cli_nproc_trains_like_one_process_and_registers_a_model_that_serves(sim
 
     common = ["train-ranker", "--home", str(simulated.root), "--arch", "mmoe",
               "--epochs", "2", "--batch-size", "64", "--seed", "1", "--json"]
-    assert main([*common, "--no-register", "--embedding-optimizer", "adagrad"]) == 0
-    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main([*common, "--nproc", "2"]) == 0
-    multi = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    single = run_json(capsys, *common, "--no-register", "--embedding-optimizer", "adagrad")
+    multi = run_json(capsys, *common, "--nproc", "2")
 
     assert set(multi) == set(single) | {"registered", "distributed"}
     assert multi["distributed"]["per_rank_batch"] == 32

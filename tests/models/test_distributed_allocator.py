@@ -13,7 +13,6 @@ a 1-process run with the same seed.
 from __future__ import annotations
 
 import copy
-import json
 
 import mlflow
 import numpy as np
@@ -30,6 +29,7 @@ from models.allocators.policy import config_for, train_policy
 from models.allocators.registry import load_allocator
 from models.allocators.sl_mgac import SLMGACModel
 from models.distributed import polyak_update
+from tests.conftest import run_json
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,10 +93,8 @@ def test_cli_nproc_trains_sl_mgac_like_one_process_and_registers_an_unsharded_po
     common = ["train-allocator", "--home", str(simulated.root), "--algo", "sl_mgac",
               "--steps", "60", "--seed", "1", "--eval-seeds", "0", "--set", "batch_size=128",
               "--set", "log_every=20", "--json"]
-    assert main([*common, "--no-register", "--set", "embedding_optimizer=adagrad"]) == 0
-    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main([*common, "--nproc", "2"]) == 0
-    multi = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    single = run_json(capsys, *common, "--no-register", "--set", "embedding_optimizer=adagrad")
+    multi = run_json(capsys, *common, "--nproc", "2")
 
     assert set(multi) == set(single) | {"distributed"}
     info = multi["distributed"]

@@ -11,14 +11,11 @@ within ``MIP_LOSS_TOLERANCE`` of one process with the same seed.
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 import polars as pl
 import pytest
 import torch
 
-from flows.cli import main
 from models.distributed import shard_keys
 from models.pretraining import PretrainConfig, UserSequences, pretrain
 from models.user_encoder_registry import load_user_encoder
@@ -28,6 +25,7 @@ from models.user_encoders.encoder import (
     append_item_table_row,
     build_user_encoder,
 )
+from tests.conftest import run_json
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -98,10 +96,8 @@ def test_cli_nproc_pretrains_like_one_process_and_registers_an_unsharded_encoder
                                                                                  capsys):
     common = ["pretrain", "--home", str(workspace.root), "--method", "mip", "--steps", "30",
               "--seed", "1", "--json", *SMALL]
-    assert main([*common, "--no-register", "--embedding-optimizer", "adagrad"]) == 0
-    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main([*common, "--nproc", "2"]) == 0
-    multi = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    single = run_json(capsys, *common, "--no-register", "--embedding-optimizer", "adagrad")
+    multi = run_json(capsys, *common, "--nproc", "2")
 
     assert set(multi) == set(single) | {"distributed"}
     info = multi["distributed"]
@@ -132,10 +128,9 @@ def test_cli_nproc_pretrains_like_one_process_and_registers_an_unsharded_encoder
 def test_cli_nproc_adaptssr_column_wise_completes_and_serves(workspace, capsys):
     """AdaptSSR (MIP warm start, then in-batch negatives per rank) with column-wise tables:
     completes, and the registered encoder embeds users like any other."""
-    assert main(["pretrain", "--home", str(workspace.root), "--method", "adaptssr",
+    multi = run_json(capsys, "pretrain", "--home", str(workspace.root), "--method", "adaptssr",
                  "--steps", "10", "--seed", "2", "--json", *SMALL, "--nproc", "2",
-                 "--sharding", "column_wise"]) == 0
-    multi = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                 "--sharding", "column_wise")
     plan = multi["distributed"]["plan"]
     assert {spec["sharding_type"] for spec in plan.values()} == {"column_wise"}
     assert plan["embeddings.t_item"]["ranks"] == [0, 1]
