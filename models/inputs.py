@@ -27,6 +27,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from features.schema import SEQUENCE_BEHAVIOR_FEATURE, SEQUENCE_ITEM_FEATURE, ExampleSchema
 from models.batch import POOLED_FEATURES, RankerBatch
 from models.blocks import TargetAttention
+from models.table_batched import pooled_lookup
 
 HISTORY_POOLINGS: tuple[str, ...] = ("attention", "mean")
 
@@ -89,7 +90,7 @@ class InputEncoder(nn.Module):
         self.out_dim = dim * (len(POOLED_FEATURES) + 2) + len(schema.dense_features) + user_dim
 
     def forward(self, batch: RankerBatch) -> torch.Tensor:
-        pooled = self.pooled(batch.pooled).values()  # (B, P * D)
+        pooled = pooled_lookup(self.pooled, batch.pooled).values()  # (B, P * D)
         if self.attention is None:
             target, history = self.mean_history(batch)
         else:
@@ -116,7 +117,7 @@ class InputEncoder(nn.Module):
     def mean_history(self, batch: RankerBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Target item (B, D) and the mean over the history of item + behaviour embeddings
         (B, D); an empty history gives zeros."""
-        bags = self.sequence(batch.sequence)  # KeyedTensor, MEAN pooling (a bag of one: itself)
+        bags = pooled_lookup(self.sequence, batch.sequence)  # MEAN pooling; a bag of one: itself
         history = bags[SEQUENCE_ITEM_FEATURE] + bags[SEQUENCE_BEHAVIOR_FEATURE]  # (B, D)
         return bags["item_id"], history
 
