@@ -255,11 +255,8 @@ def cmd_train_allocator(args: argparse.Namespace, workspace: Workspace) -> dict:
     from flows.torchrun import (
         default_embedding_optimizer,
         is_distributed,
-        launch,
-        other_node_summary,
-        print_distributed,
+        launch_from_cli,
         run_rank,
-        torchrun_rendezvous,
     )
 
     if args.rank_job is not None:  # one torchrun rank of `--nproc N`
@@ -281,11 +278,9 @@ def cmd_train_allocator(args: argparse.Namespace, workspace: Workspace) -> dict:
         source = args.input or latest_simulator_dir(workspace)  # found once, here
         job = {**common, "input_path": str(Path(source).resolve()),
                "sharding": args.sharding}
-        summary = launch(workspace, "train-allocator", job, args.nproc,
-                         torchrun_rendezvous(args))
-        if not summary:  # global rank 0 ran on another node and logged the run there
-            return other_node_summary(args)
-        print_distributed(summary["distributed"])
+        summary = launch_from_cli(workspace, "train-allocator", job, args)
+        if summary.get("logged_on_other_node"):
+            return summary
     else:
         summary = train_allocator_step(workspace, **common)
     print_allocator_summary(summary)

@@ -15,6 +15,7 @@ it valid. ``fresh=True`` ignores the records and overwrites them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable
@@ -64,10 +65,21 @@ def fingerprint(root: Path) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(root) if path != root else path.name).encode())
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+        stat = path.stat()
+        digest.update(_file_digest(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
     return f"{root}:{digest.hexdigest()}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: str, inode: int, size: int, mtime_ns: int) -> bytes:
+    """SHA-256 of one file's bytes, remembered per (inode, size, mtime) within the process:
+    two tasks of one run that read the same examples hash them once (a rewritten file has a
+    new mtime, a replaced one a new inode, so neither is mistaken for the old bytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.digest()
 
 
 def cached(task: Task, workspace: Workspace, reads: PathsRead = reads_nothing,

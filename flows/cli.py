@@ -31,11 +31,8 @@ from flows.torchrun import (
     add_distributed_arguments,
     default_embedding_optimizer,
     is_distributed,
-    launch,
-    other_node_summary,
-    print_distributed,
+    launch_from_cli,
     run_rank,
-    torchrun_rendezvous,
 )
 from flows.workspace import Workspace, WorkspaceBusyError
 from serving.cli import (
@@ -335,11 +332,10 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
         if embedding_optimizer != (args.embedding_optimizer or "adam"):
             print(f"embedding tables train with {embedding_optimizer} (fbgemm's fused CPU "
                   "kernel has no Adam), dense parts with Adam", file=sys.stderr)
-        summary = launch_train_ranker(workspace, job, args.nproc, args.sharding,
-                                      torchrun_rendezvous(args))
-        if not summary:  # global rank 0 ran on another node and logged the run there
-            return other_node_summary(args)
-        print_distributed(summary["distributed"])
+        summary = launch_from_cli(workspace, "train-ranker",
+                                  ranker_rank_job(job, args.sharding), args)
+        if summary.get("logged_on_other_node"):
+            return summary
     else:
         summary = train_ranker_step(workspace, job)
     if not args.no_register:
@@ -351,15 +347,12 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
     return summary
 
 
-def launch_train_ranker(workspace: Workspace, job, nproc: int, sharding: str = "auto",
-                        rendezvous: list[str] | None = None) -> dict:
-    """Run ``train_ranker_step`` on ``nproc`` ranks of this node under ``torchrun``
-    (``flows.torchrun.launch``); each rank is ``recpipe train-ranker --rank-job FILE``.
-    Returns global rank 0's summary, or {} when rank 0 ran on another node."""
+def ranker_rank_job(job, sharding: str = "auto") -> dict:
+    """What every rank of ``recpipe train-ranker --nproc N`` reads (``flows.torchrun.launch``):
+    the ``RankerJob`` and how the planner may shard the tables."""
     import dataclasses
 
-    return launch(workspace, "train-ranker",
-                  {"job": dataclasses.asdict(job), "sharding": sharding}, nproc, rendezvous)
+    return {"job": dataclasses.asdict(job), "sharding": sharding}
 
 
 def run_train_ranker_rank(spec_file: Path, workspace: Workspace) -> dict:

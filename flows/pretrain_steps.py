@@ -287,11 +287,8 @@ def cmd_pretrain(args: argparse.Namespace, workspace: Workspace) -> dict:
     from flows.torchrun import (
         default_embedding_optimizer,
         is_distributed,
-        launch,
-        other_node_summary,
-        print_distributed,
+        launch_from_cli,
         run_rank,
-        torchrun_rendezvous,
     )
 
     if args.rank_job is not None:  # one torchrun rank of `--nproc N`
@@ -311,10 +308,9 @@ def cmd_pretrain(args: argparse.Namespace, workspace: Workspace) -> dict:
                                     "`recpipe features` first")
         job = {"method": args.method, "overrides": overrides, "users_table": users_table,
                "register": not args.no_register, "sharding": args.sharding}
-        summary = launch(workspace, "pretrain", job, args.nproc, torchrun_rendezvous(args))
-        if not summary:  # global rank 0 ran on another node and logged the run there
-            return other_node_summary(args)
-        print_distributed(summary["distributed"])
+        summary = launch_from_cli(workspace, "pretrain", job, args)
+        if summary.get("logged_on_other_node"):
+            return summary
     else:
         summary = pretrain_step(workspace, args.method, overrides, args.users_table,
                                 register=not args.no_register)

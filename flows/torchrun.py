@@ -134,19 +134,22 @@ def run_rank(spec_file: Path, body: Callable[[dict, Rank], dict]) -> dict:
     return summary
 
 
-def print_distributed(info: dict) -> None:
-    """One line: ranks, backend, rows per rank per step, and where each table went."""
+def launch_from_cli(workspace: Workspace, command: str, job: dict,
+                    args: argparse.Namespace) -> dict:
+    """:func:`launch` with the command line's ``--nproc`` and rendezvous options, then one
+    line on how it ran. Returns global rank 0's summary; on a node whose ranks did not include
+    global rank 0, ``{"logged_on_other_node": True, ...}`` (the caller returns it as is)."""
+    summary = launch(workspace, command, job, args.nproc, torchrun_rendezvous(args))
+    if not summary:  # global rank 0 ran on another node and logged the run there
+        print("this node's ranks finished; global rank 0 (node 0) logged the run")
+        return {"distributed": {"nproc_per_node": args.nproc, "nnodes": args.nnodes},
+                "logged_on_other_node": True}
+    info = summary["distributed"]
     tables = ", ".join(f"{table} {spec['sharding_type']}@{spec['ranks']}"
                        for table, spec in info["plan"].items())
     print(f"trained on {info['world_size']} ranks ({info['backend']}, "
           f"{info['per_rank_batch']} per rank per step): {tables}")
-
-
-def other_node_summary(args: argparse.Namespace) -> dict:
-    """What a node whose ranks did not include global rank 0 prints and returns."""
-    print("this node's ranks finished; global rank 0 (node 0) logged the run")
-    return {"distributed": {"nproc_per_node": args.nproc, "nnodes": args.nnodes},
-            "logged_on_other_node": True}
+    return summary
 
 
 def log_distributed(info: dict) -> None:

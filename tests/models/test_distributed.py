@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 import torch
 
-from flows.cli import launch_train_ranker
+from flows.cli import ranker_rank_job
 from flows.steps import (
     RankerJob,
     SimulateParams,
@@ -27,6 +27,7 @@ from flows.steps import (
     simulate_step,
     train_ranker_step,
 )
+from flows.torchrun import launch
 from flows.workspace import Workspace
 from models.distributed import (
     ShardingConfig,
@@ -100,7 +101,8 @@ def test_cpu_ranks_need_an_embedding_optimiser_the_fused_cpu_kernel_has():
 
 
 def test_multi_node_passes_the_rendezvous_options_to_torchrun():
-    from flows.cli import UserError, build_parser, torchrun_rendezvous
+    from flows.cli import UserError, build_parser
+    from flows.torchrun import torchrun_rendezvous
 
     def options(*argv: str) -> list[str]:
         return torchrun_rendezvous(build_parser().parse_args(["train-ranker", *argv]))
@@ -147,7 +149,7 @@ def test_two_cpu_ranks_compute_what_one_process_computes(workspace):
     rows = pl.scan_parquet(workspace.examples / "train.parquet").select(pl.len()).collect()
     assert rows.item() % 2 == 0  # so both runs see every row
     single = train_ranker_step(workspace, job)
-    multi = launch_train_ranker(workspace, job, nproc=2, sharding="column_wise")
+    multi = launch(workspace, "train-ranker", ranker_rank_job(job, "column_wise"), nproc=2)
 
     plan = multi["distributed"]["plan"]
     assert multi["distributed"]["world_size"] == 2 and multi["distributed"]["backend"] == "gloo"
