@@ -6,9 +6,10 @@ to the unknown index exactly as they would in serving.
 
 Memory stays bounded as the lake grows. The dates, the row count and the vocabulary come from
 streaming aggregates (only per-hour counts and distinct ids are held). Histories need only a
-user's own events, so users are processed in K buckets (``user_id mod K``): each bucket is
-scanned from the lake with a filter, turned into examples and written as per-split part
-files; the parts are then merged into ``(ts, event_id)`` order one time window at a time.
+user's own events, so users are processed in K buckets (``user_id mod K``): one streaming
+pass over the lake writes every bucket's events to a file of its own, then each bucket is
+read back, turned into examples and written as per-split part files; the parts are then
+merged into ``(ts, event_id)`` order one time window at a time.
 K is chosen so that a bucket holds about ``FeatureConfig.max_rows_in_memory`` rows (K = 1,
 the whole lake at once, for small lakes). The examples written do not depend on K.
 """
@@ -49,6 +50,9 @@ RECORDED_CONFIG: tuple[str, ...] = ("history_length", "valid_days", "test_days")
 """The FeatureConfig fields that decide the examples; ``schema.json`` records these only."""
 PARTS_DIR = ".parts"
 """Inside the staging dir: ``<split>/bucket-<b>.parquet``, removed before the swap."""
+BUCKETS_DIR = ".buckets"
+"""Inside the staging dir: ``bucket=<b>/<n>.ipc``, the lake's events by user bucket (one
+streaming pass), removed once the parts are written."""
 MERGE_WINDOW_DIVISOR = 2
 """A merge window holds ``max_rows_in_memory / 2`` rows: its rows are examples (wider than
 events) and are sorted (a second copy), so it then peaks about as high as a bucket does."""
@@ -80,7 +84,7 @@ class FeatureConfig:
     None, and the time windows (whole UTC hours, half this many rows) in which the buckets'
     outputs are merged; an hour bigger than a window is merged on its own. With N = 20 the
     default peaked at 2.5 to 4.4 GB on lakes of 5M to 20M events, where the whole lake at
-    once took 1 GB per million (``benchmarks/features.py``). Changes memory, never the
+    once took 1 GB per million (``benchmarks/feature_build.py``). Changes memory, never the
     examples."""
 
     def __post_init__(self) -> None:
@@ -308,13 +312,20 @@ def user_bucket(buckets: int) -> pl.Expr:
     return pl.col("user_id").fill_null(0) % buckets
 
 
-def bucket_events(lake_dir: Path, bucket: int, buckets: int) -> pl.DataFrame:
-    """The events of the users of one bucket (n_b rows, contract columns, any order),
-    streamed from the lake with the bucket filter applied inside the Parquet scan."""
-    events = scan_events(lake_dir)
-    if buckets > 1:
-        events = events.filter(user_bucket(buckets) == bucket)
-    return events.collect(engine="streaming")
+def partition_by_bucket(lake_dir: Path, target: Path, buckets: int) -> dict[int, list[Path]]:
+    """One streaming pass over the lake: every event to ``target/bucket=<b>/<n>.ipc`` by its
+    user's bucket (Arrow IPC, lz4: cheap to write and to read back). Returns the files of
+    each bucket that has events."""
+    written: list[pl.io.partition.SinkedPathsCallbackArgs] = []
+    scan_events(lake_dir).sink_ipc(
+        pl.PartitionBy(target, key={"bucket": user_bucket(buckets)}, include_key=False),
+        compression="lz4", mkdir=True, sinked_paths_callback=written.append,
+        engine="streaming",
+    )
+    files: dict[int, list[Path]] = {}
+    for path in sorted(Path(p.path) for args in written for p in args.paths):
+        files.setdefault(int(path.parent.name.removeprefix("bucket=")), []).append(path)
+    return files
 
 
 def make_examples(
@@ -372,18 +383,20 @@ def write_parts(examples: pl.DataFrame, parts: Path, bucket: int) -> dict[str, i
 def write_bucketed(
     lake_dir: Path, staging: Path, plan: BuildPlan, vocab: Vocabulary, schema: ExampleSchema
 ) -> dict[str, int]:
-    """Write ``staging/<split>.parquet`` one user bucket at a time (K > 1), then merge the
-    parts; rows per split."""
+    """Write ``staging/<split>.parquet`` one user bucket at a time (K > 1): the lake split by
+    bucket in one pass, each bucket's examples to part files, then the parts merged; rows
+    per split."""
     parts = staging / PARTS_DIR
     rows = dict.fromkeys(SPLITS, 0)
-    for bucket in range(plan.buckets):
-        events = bucket_events(lake_dir, bucket, plan.buckets)
-        if events.height == 0:
-            continue
-        examples = make_examples(events, plan.split_of, vocab, schema)
-        del events
+    by_bucket = partition_by_bucket(lake_dir, staging / BUCKETS_DIR, plan.buckets)
+    for bucket, files in sorted(by_bucket.items()):
+        examples = make_examples(pl.read_ipc(files), plan.split_of, vocab, schema)
         for name, count in write_parts(examples, parts, bucket).items():
             rows[name] += count
+        del examples
+        for file in files:  # the disk a bucket's events took is free again
+            file.unlink()
+    shutil.rmtree(staging / BUCKETS_DIR)
     for name in SPLITS:
         files = sorted((parts / name).glob("*.parquet"))
         merge_parts(files, plan.windows[name], staging / f"{name}.parquet")
@@ -395,7 +408,8 @@ def write_whole(
     lake_dir: Path, staging: Path, plan: BuildPlan, vocab: Vocabulary, schema: ExampleSchema
 ) -> dict[str, int]:
     """Write ``staging/<split>.parquet`` from the whole lake at once (K = 1); rows per split."""
-    examples = make_examples(bucket_events(lake_dir, 0, 1), plan.split_of, vocab, schema)
+    examples = make_examples(scan_events(lake_dir).collect(engine="streaming"), plan.split_of,
+                             vocab, schema)
     frames = split_frames(examples)
     for name, frame in frames.items():
         frame.write_parquet(staging / f"{name}.parquet")

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_feature_options(feat)
     feat.add_argument("--valid-days", type=int, default=1)
     feat.add_argument("--test-days", type=int, default=1)
+    feat.add_argument("--user-buckets", type=int, metavar="K",
+                      help="build users in K buckets, one in memory at a time (default: "
+                           "ceil(lake events / --max-rows-in-memory)); never changes the "
+                           "examples")
+    feat.add_argument("--max-rows-in-memory", type=int, default=2_000_000, metavar="N",
+                      help="about how many events are held at once (sizes the default K "
+                           "and the merge windows)")
 
     train = command("train-ranker", cmd_train_ranker,
                     "train a multi-task ranker on the examples, log and register it in MLflow")
@@ -305,7 +312,9 @@ def cmd_features(args: argparse.Namespace, workspace: Workspace) -> dict:
     from features.build import FeatureConfig
     from flows.steps import features_step
 
-    config = FeatureConfig(args.history_length, args.valid_days, args.test_days)
+    config = FeatureConfig(args.history_length, args.valid_days, args.test_days,
+                           user_buckets=args.user_buckets,
+                           max_rows_in_memory=args.max_rows_in_memory)
     report = features_step(workspace, config)
     print(f"examples {report['rows']} → {report['out_dir']}")
     return report

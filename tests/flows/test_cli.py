@@ -3,6 +3,7 @@ and clear non-zero exits on bad input."""
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 
 from flows.cli import USER_ERROR_EXIT, main
@@ -28,6 +29,14 @@ def test_steps_chain_from_simulation_to_a_registered_ranker(home, tmp_path, caps
     built = run_json(capsys, "features", "--history-length", "10")
     assert sum(built["rows"].values()) == n
     assert len(built["dates"]["test"]) == 1 and len(built["dates"]["valid"]) == 1
+    train_file = home / "lake" / "examples" / "train.parquet"
+    whole = pl.read_parquet(train_file)
+    bucketed = run_json(capsys, "features", "--history-length", "10", "--user-buckets", "3",
+                        "--max-rows-in-memory", "500")
+    assert bucketed["rows"] == built["rows"]
+    assert pl.read_parquet(train_file).equals(whole)
+    assert main(["features", "--max-rows-in-memory", "0"]) == USER_ERROR_EXIT
+    assert "max_rows_in_memory must be at least 1" in capsys.readouterr().err
     trained = run_json(capsys, "train-ranker", "--epochs", "1")
     for split in ("valid", "test"):
         for task in ("click", "like", "follow", "long_view"):
