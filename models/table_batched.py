@@ -2,11 +2,12 @@
 
 An unsharded ``EmbeddingBagCollection`` on CPU runs one ``nn.EmbeddingBag`` per feature, and
 each backward builds a dense gradient for its table through a sort of its indices: for the
-rankers' seven small lookups that is about a fifth of a training step. fbgemm's dense
-table-batched embedding op (what TorchRec's data-parallel kernel runs) does every feature of
-the collection in one forward and one backward call. :func:`pooled_lookup` runs it on the
-collection's own weight tensors (concatenated, so the gradient flows back into each table's
-``weight``): same parameters, same state dict, same function; the optimiser is unchanged.
+rankers' seven small lookups that was 40% of a mean-pooled MMoE's training step on CPU.
+fbgemm's dense table-batched embedding op (what TorchRec's data-parallel kernel runs) does
+every feature of the collection in one forward and one backward call. :func:`pooled_lookup`
+runs it on the collection's own weight tensors (concatenated, so the gradient flows back
+into each table's ``weight``): same parameters, same state dict, same function; the
+optimiser is unchanged.
 
 Anything this does not cover (a sharded collection under DistributedModelParallel, weighted
 features, mixed pooling, forward hooks, non-CPU or non-float32 tables, or feature keys in
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from itertools import accumulate
 from math import log2
 
 import torch
@@ -63,16 +65,10 @@ class _Plan:
 
     def __init__(self, rows: tuple[int, ...], dims: tuple[int, ...],
                  feature_tables: tuple[int, ...], keys: tuple[str, ...], pooling_mode: int):
-        weight_starts = [0]
-        for n_rows, dim in zip(rows, dims, strict=True):
-            weight_starts.append(weight_starts[-1] + n_rows * dim)
-        row_starts = [0]
-        for n_rows in rows:
-            row_starts.append(row_starts[-1] + n_rows)
+        weight_starts = [0, *accumulate(n * d for n, d in zip(rows, dims, strict=True))]
+        row_starts = [0, *accumulate(rows)]
         feature_dims = [dims[t] for t in feature_tables]
-        dim_starts = [0]
-        for dim in feature_dims:
-            dim_starts.append(dim_starts[-1] + dim)
+        dim_starts = [0, *accumulate(feature_dims)]
         self.keys = keys
         self.dims = tuple(feature_dims)
         self.total_dim, self.max_dim = dim_starts[-1], max(dims)
