@@ -88,6 +88,9 @@ class FeatureConfig:
     examples."""
 
     def __post_init__(self) -> None:
+        for name in ("history_length", "valid_days", "test_days"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.user_buckets is not None and self.user_buckets < 1:
             raise ValueError(f"user_buckets must be at least 1, got {self.user_buckets}")
         if self.max_rows_in_memory < 1:

@@ -65,7 +65,7 @@ def held_out_configs(manifest: dict, n_seeds: int, n_users: int | None = None) -
     from simulation.config import SimulatorConfig
 
     config = SimulatorConfig.from_dict(manifest["config"])
-    users = n_users or config.n_users
+    users = config.n_users if n_users is None else n_users
     return [replace(config, seed=config.seed + HELD_OUT_SEED_OFFSET + k, n_users=users)
             for k in range(n_seeds)]
 
@@ -223,24 +223,35 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def share_cap(text: str) -> float:
+    """argparse type of ``--live-share-cap``: a share in (0, 1]."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text}")
+    return value
+
+
 def add_train_allocator_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``recpipe train-allocator`` (``--home`` / ``--json`` come from the CLI)."""
+    from serving.cli import at_least
+
     parser.add_argument("--algo", choices=ALGORITHMS, default="sl_mgac",
                         help="sl_mgac (default) or a baseline: greedy, dqn, cql, bcq")
     parser.add_argument("--input", type=Path,
                         help="simulator output folder or allocation log (.parquet/.csv); "
                              "default: the latest <home>/raw/simulator-* folder")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--steps", type=int, help="gradient steps (default: the algorithm's)")
-    parser.add_argument("--live-share-cap", type=float,
+    parser.add_argument("--steps", type=at_least(1),
+                        help="gradient steps (default: the algorithm's)")
+    parser.add_argument("--live-share-cap", type=share_cap,
                         help="max inserted lives per request (default: the simulator's, 0.3)")
     parser.add_argument("--set", dest="hyperparameters", action="append", default=[],
                         type=parse_assignment, metavar="KEY=VALUE",
                         help="override one hyperparameter of the algorithm's config "
                              "(repeatable), e.g. --set gamma=0.9")
-    parser.add_argument("--eval-seeds", type=int, default=2,
+    parser.add_argument("--eval-seeds", type=at_least(0), default=2,
                         help="held-out simulator rollouts for the true value (0: none)")
-    parser.add_argument("--eval-users", type=int,
+    parser.add_argument("--eval-users", type=at_least(1),
                         help="users per held-out rollout (default: the log's)")
     parser.add_argument("--no-register", action="store_true", help="log the run only")
     from flows.torchrun import add_distributed_arguments

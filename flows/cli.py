@@ -38,15 +38,20 @@ from flows.workspace import Workspace, WorkspaceBusyError
 from serving.cli import (
     add_score_arguments,
     add_serve_arguments,
+    at_least,
     cmd_score,
     cmd_serve,
     parse_task_weights,
+    port_number,
+    positive_float,
 )
 
 if TYPE_CHECKING:
     from flows.partitions import PartitionRunner
 
 USER_ERROR_EXIT = 2
+TRAINING_FAILED_EXIT = 3
+"""Exit status when training diverged (loss NaN or infinite): nothing was registered."""
 
 
 class UserError(Exception):
@@ -55,17 +60,23 @@ class UserError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    workspace = Workspace.from_env(args.home)
-    workspace.configure_environment()
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0), or a bad option (2; argparse printed which)
+        return int(done.code or 0)
+    try:
+        workspace = Workspace.from_env(args.home)
+        workspace.configure_environment()
         summary = args.handler(args, workspace)
-    except (UserError, WorkspaceBusyError) as error:
+    except (UserError, WorkspaceBusyError, ValueError, OSError) as error:
+        # ValueError: IngestError, FeatureBuildError, bad configs; OSError: a path given
+        # that cannot be used (its message names it)
         print(f"recpipe {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT
-    except ValueError as error:  # IngestError, FeatureBuildError, bad configs
-        print(f"recpipe {args.command}: error: {error}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    except FloatingPointError as error:  # models.training.TrainingDivergedError, SL-MGAC
+        print(f"recpipe {args.command}: error: training diverged, nothing registered: "
+              f"{error}", file=sys.stderr)
+        return TRAINING_FAILED_EXIT
     if args.json:
         print(json.dumps(summary, default=str))
     return 0
@@ -98,22 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     feat = command("features", cmd_features, "build train/valid/test examples from the lake")
     add_feature_options(feat)
-    feat.add_argument("--valid-days", type=int, default=1)
-    feat.add_argument("--test-days", type=int, default=1)
-    feat.add_argument("--user-buckets", type=int, metavar="K",
+    feat.add_argument("--valid-days", type=at_least(1), default=1)
+    feat.add_argument("--test-days", type=at_least(1), default=1)
+    feat.add_argument("--user-buckets", type=at_least(1), metavar="K",
                       help="build users in K buckets, one in memory at a time (default: "
                            "ceil(lake events / --max-rows-in-memory)); never changes the "
                            "examples")
-    feat.add_argument("--max-rows-in-memory", type=int, default=2_000_000, metavar="N",
+    feat.add_argument("--max-rows-in-memory", type=at_least(1), default=2_000_000, metavar="N",
                       help="about how many events are held at once (sizes the default K "
                            "and the merge windows)")
 
     train = command("train-ranker", cmd_train_ranker,
                     "train a multi-task ranker on the examples, log and register it in MLflow")
     add_ranker_options(train, with_seed=True)
-    train.add_argument("--batch-size", type=int, default=512)
-    train.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    train.add_argument("--batch-size", type=at_least(1), default=512)
+    train.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate")
     train.add_argument("--no-register", action="store_true", help="log the run only")
+    train.add_argument("--ground-truth", type=Path, metavar="DIR",
+                       help="simulator output the examples came from: also log the oracle "
+                            "AUC of its true probabilities and each task's share of it")
     train.add_argument("--history-pooling", choices=["attention", "mean"], default="attention",
                        help="behaviour history by target attention (default) or its mean")
     train.add_argument("--loss-weighting", choices=["fixed", "uncertainty"], default="fixed",
@@ -140,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "serve the nightly deployment on a real Prefect server, on a cron schedule")
     sched.add_argument("--cron", default="0 2 * * *", help='cron expression (default "0 2 * * *")')
     sched.add_argument("--timezone", default="UTC", help="IANA timezone of the cron")
-    sched.add_argument("--port", type=int, default=4200, help="Prefect server port")
+    sched.add_argument("--port", type=port_number, default=4200, help="Prefect server port")
     add_nightly_options(sched)
 
     ope = command("ope", cmd_ope,
@@ -154,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ope.add_argument("--evaluation", choices=["bts", "random"], default="bts",
                      help="policy whose value is estimated (truth: its own logs' mean click)")
     ope.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples")
-    ope.add_argument("--n-sim", type=int, default=100_000,
+    ope.add_argument("--n-sim", type=at_least(1), default=100_000,
                      help="Monte-Carlo draws for the Bernoulli TS action probabilities")
     ope.add_argument("--no-refit", action="store_true",
                      help="hold the reward model fixed in the bootstrap (faster, DM too sure)")
@@ -173,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out data: examples for a ranker (default <home>/lake/examples/"
                     "test.parquet), an allocation log for an allocator (default: a held-out "
                     "simulator world, with true values)")
-    ab.add_argument("--eval-users", type=int,
+    ab.add_argument("--eval-users", type=at_least(1),
                     help="allocator: users of the held-out simulator world (default: the log's)")
     ab.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     ab.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -194,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = command("ui", cmd_ui, "print (or --open) the MLflow and Prefect UIs of the workspace")
     ui.add_argument("--open", action="store_true", help="start both UI servers and wait")
-    ui.add_argument("--mlflow-port", type=int, default=5000)
-    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=port_number, default=5000)
+    ui.add_argument("--prefect-port", type=port_number, default=4200)
     return parser
 
 
@@ -209,14 +223,15 @@ def add_nightly_options(parser: argparse.ArgumentParser) -> None:
     add_feature_options(parser)
     parser.add_argument("--pretrain-method", choices=["adaptssr", "cl4srec", "mip", "none"],
                         default="adaptssr", help="user-encoder pretraining (none: skip)")
-    parser.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 1000)")
+    parser.add_argument("--pretrain-steps", type=at_least(1),
+                        help="pretraining steps (default 1000)")
     parser.add_argument("--ranker-user-encoder", action="store_true",
                         help="give the ranker the night's pretrained encoder (frozen)")
     parser.add_argument("--allocator-algo", choices=[*ALLOCATOR_ALGORITHMS, "none"],
                         default="sl_mgac",
                         help="live-stream allocator (simulator logs only; none: skip)")
-    parser.add_argument("--allocator-steps", type=int, help="allocator gradient steps")
-    parser.add_argument("--allocator-eval-users", type=int,
+    parser.add_argument("--allocator-steps", type=at_least(1), help="allocator gradient steps")
+    parser.add_argument("--allocator-eval-users", type=at_least(1),
                         help="users of the held-out simulator world for true values and A/B")
     parser.add_argument("--fresh", action="store_true",
                         help="rerun every task (default: reuse the tasks whose parameters and "
@@ -272,13 +287,13 @@ def add_ranker_options(parser: argparse.ArgumentParser, with_seed: bool = False)
     from models.rankers import ARCHITECTURES
 
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="mmoe")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=at_least(1), default=2)
     if with_seed:  # commands that also simulate take --seed from the simulation options
         parser.add_argument("--seed", type=int, default=0, help="seed")
 
 
 def add_feature_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--history-length", type=int, default=20,
+    parser.add_argument("--history-length", type=at_least(1), default=20,
                         help="N most recent impressions before each example")
 
 
@@ -336,6 +351,7 @@ def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
                "loss_weighting": args.loss_weighting, "task_weights": args.task_weights or {},
                "embedding_optimizer": embedding_optimizer},
         user_encoder=args.user_encoder, fine_tune_user_encoder=args.fine_tune_user_encoder,
+        ground_truth=str(args.ground_truth) if args.ground_truth else None,
     )
     if distributed:
         if embedding_optimizer != (args.embedding_optimizer or "adam"):

@@ -45,22 +45,23 @@ def features_task(home: str, history_length: int) -> dict:
 
 @task(name="pretrain-user-encoder")
 def pretrain_task(home: str, method: str, n_steps: int | None, seed: int) -> dict:
-    overrides = {"seed": seed, **({"steps": n_steps} if n_steps else {})}
+    overrides = {"seed": seed, **({"steps": n_steps} if n_steps is not None else {})}
     return pretrain_step(Workspace(Path(home)), method, overrides)
 
 
 @task(name="train-ranker")
 def train_ranker_task(home: str, arch: str, epochs: int, seed: int,
-                      user_encoder: str | None = None) -> dict:
+                      user_encoder: str | None = None, ground_truth: str | None = None) -> dict:
     job = steps.RankerJob(ranker={"arch": arch}, train={"epochs": epochs, "seed": seed},
-                          user_encoder=user_encoder)
+                          user_encoder=user_encoder, ground_truth=ground_truth,
+                          ground_truth_optional=True)
     return steps.train_ranker_step(Workspace(Path(home)), job)
 
 
 @task(name="train-allocator")
 def train_allocator_task(home: str, algo: str, input_path: str, seed: int,
                          n_steps: int | None, eval_users: int | None) -> dict:
-    overrides = {"n_steps": n_steps} if n_steps else None
+    overrides = {"n_steps": n_steps} if n_steps is not None else None
     return allocation_steps.train_allocator_step(
         Workspace(Path(home)), algo, Path(input_path), seed, overrides, eval_seeds=1,
         eval_users=eval_users, progress=False)
@@ -167,8 +168,10 @@ def nightly(
                                       pretrain_steps, seed)
             encoder_uri = summary["pretrain"]["model_uri"]
             logger.info("pretrained %s: %s", pretrain_method, summary["pretrain"]["registered"])
+        truth = Path(input_path) / "ground_truth.parquet"  # simulator logs: oracle metrics
         trained = run(train_ranker_task, reads_examples, root, arch, epochs, seed,
-                      encoder_uri if ranker_user_encoder else None)
+                      encoder_uri if ranker_user_encoder else None,
+                      str(truth) if truth.is_file() else None)
         summary["train_ranker"] = trained
         summary["register"] = run(register_task, reads_nothing, root, trained["model_uri"],
                                   trained["run_id"])

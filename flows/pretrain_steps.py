@@ -253,19 +253,20 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``recpipe pretrain`` (the caller adds --home / --json)."""
     from models.pretraining import METHODS, PretrainConfig
     from models.user_encoders.encoder import UserEncoderConfig
+    from serving.cli import at_least, positive_float
 
     defaults, encoder = PretrainConfig(), UserEncoderConfig()
     parser.add_argument("--method", choices=list(METHODS), default="adaptssr",
                         help="self-supervised objective (default adaptssr)")
-    parser.add_argument("--steps", type=int, default=defaults.steps,
+    parser.add_argument("--steps", type=at_least(1), default=defaults.steps,
                         help=f"optimiser steps, warm start included (default {defaults.steps})")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    parser.add_argument("--batch-size", type=at_least(2), default=defaults.batch_size,
                         help=f"distinct users per step (default {defaults.batch_size})")
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate,
+    parser.add_argument("--lr", type=positive_float, default=defaults.learning_rate,
                         help=f"learning rate (default {defaults.learning_rate})")
-    parser.add_argument("--embedding-dim", type=int, default=encoder.embedding_dim,
+    parser.add_argument("--embedding-dim", type=at_least(1), default=encoder.embedding_dim,
                         help=f"user vector width D (default {encoder.embedding_dim})")
-    parser.add_argument("--layers", type=int, default=encoder.n_layers,
+    parser.add_argument("--layers", type=at_least(1), default=encoder.n_layers,
                         help=f"Transformer layers (default {encoder.n_layers})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed")
     parser.add_argument("--users-table", type=Path,
@@ -284,6 +285,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_pretrain(args: argparse.Namespace, workspace: Workspace) -> dict:
     """``recpipe pretrain``: run ``pretrain_step`` (``--nproc N``: on N torchrun ranks) and
     print a short summary."""
+    from flows.cli import UserError
     from flows.torchrun import (
         default_embedding_optimizer,
         is_distributed,
@@ -293,6 +295,9 @@ def cmd_pretrain(args: argparse.Namespace, workspace: Workspace) -> dict:
 
     if args.rank_job is not None:  # one torchrun rank of `--nproc N`
         return run_rank(args.rank_job, lambda job, rank: run_pretrain_rank(workspace, job, rank))
+    if args.users_table is not None and not args.users_table.is_file():
+        raise UserError(f"--users-table {args.users_table}: no such file (a simulator "
+                        "users.parquet)")
     distributed = is_distributed(args)
     overrides = {
         "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,

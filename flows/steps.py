@@ -6,6 +6,7 @@ Steps take and return paths, URIs and JSON-able summaries, never DataFrames.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ import numpy as np
 from features.build import FeatureConfig, build_examples
 from features.schema import TaskSpec
 from flows.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from flows.partitions import PartitionRunner
@@ -80,6 +83,10 @@ class RankerJob:
     ground_truth: str | None = None
     """Simulator output folder (or its ``ground_truth.parquet``) the examples came from: adds
     the oracle metrics. The caller that simulated the logs knows it; nothing is guessed."""
+    ground_truth_optional: bool = False
+    """True: a ground truth that does not match the examples (the lake also holds another
+    simulation with the same event ids) skips the oracle metrics with a warning instead of
+    failing (the nightly, which passes the logs it simulated)."""
     user_encoder: str | None = None
     """Model URI of a pretrained user encoder (e.g. ``models:/recpipe-user-encoder@champion``)
     plugged into the ranker's user-encoder slot; None: no pretrained encoder."""
@@ -145,19 +152,29 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob(),
 
     frames = {name: read(name) for name in (("train", "valid", "test") if main else ("train",))}
     splits = {name: ExampleArrays.from_frame(frame, schema) for name, frame in frames.items()}
-    truth = (
-        {split: load_ground_truth(Path(job.ground_truth), frames[split])
-         for split in ("valid", "test")}
-        if job.ground_truth and main else None
-    )
+    truth = None
+    if job.ground_truth and main:
+        try:
+            truth = {split: load_ground_truth(Path(job.ground_truth), frames[split])
+                     for split in ("valid", "test")}
+        except ValueError as error:
+            if not job.ground_truth_optional:
+                raise
+            log.warning("oracle metrics skipped: %s", error)
     vocab = Vocabulary.load(examples / "vocab.json")
     torch.manual_seed(train_config.seed)
     adapter = None
     if job.user_encoder:
+        from mlflow.exceptions import MlflowException
+
         from models.user_encoder_registry import load_pretrained_user_encoder
 
-        adapter = load_pretrained_user_encoder(job.user_encoder, vocab,
-                                               freeze=not job.fine_tune_user_encoder)
+        try:
+            adapter = load_pretrained_user_encoder(job.user_encoder, vocab,
+                                                   freeze=not job.fine_tune_user_encoder)
+        except MlflowException as error:
+            raise ValueError(f"user encoder {job.user_encoder}: cannot load it: "
+                             f"{error.message.splitlines()[0]}") from error
     model = build_ranker(schema, ranker_config, user_encoder=adapter)
     init_output_bias(model, torch.from_numpy(splits["train"].labels) if rank is None
                      else global_label_means(splits["train"].labels, rank))

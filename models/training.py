@@ -23,7 +23,7 @@ from models.distributed import (
 from models.losses import MultiTaskLoss
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(FloatingPointError):
     """The loss became NaN or infinite; nothing trained this way should be registered."""
 
 
@@ -56,6 +56,15 @@ class TrainConfig:
     """Optimiser of the embedding tables: "adam" (like the dense parts), "adagrad",
     "rowwise_adagrad" or "sgd". Distributed training on CPU needs one that fbgemm's fused CPU
     kernel implements (not Adam; see ``models.distributed``); the CLI picks "adagrad" there."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,7 +33,10 @@ def score_columns(scorer: Scorer) -> list[str]:
 def score_file(input_path: Path, output_path: Path, scorer: Scorer,
                chunk_rows: int = 65_536, progress: bool = True) -> dict:
     """Score every row of ``input_path`` into ``output_path``; returns a summary (rows,
-    columns added, unknown-id counts). Raises ``RowsError`` for unreadable or invalid input."""
+    columns added, unknown-id counts). Raises ``RowsError`` for unreadable or invalid input,
+    ValueError for ``chunk_rows`` < 1."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     if output_path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise RowsError(f"{output_path}: unsupported output type {output_path.suffix or '(none)'}"
                         f"; use {' or '.join(OUTPUT_SUFFIXES)}")
@@ -46,7 +49,7 @@ def score_file(input_path: Path, output_path: Path, scorer: Scorer,
     rows = normalize_rows(frame, where=str(input_path))
     predictions = np.zeros((rows.height, len(scorer.task_names)), np.float32)
     unknown = dict.fromkeys([*SPARSE_FEATURES, "history"], 0)
-    chunks = range(0, rows.height, max(chunk_rows, 1))
+    chunks = range(0, rows.height, chunk_rows)
     for start in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress,
                       leave=False):
         encoded = scorer.encode(rows.slice(start, chunk_rows))

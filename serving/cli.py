@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Protocol
@@ -35,10 +36,38 @@ class HasTrackingUri(Protocol):
     tracking_uri: str
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum`` (argparse names the option when it is not)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # what argparse says when int() fails
+    return parse
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (a free one) to 65535."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--model", default=RANKER_MODEL_NAME,
                         help=f"registered ranker (default {RANKER_MODEL_NAME})")
@@ -79,7 +108,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
                         help=f"ranker to score with (default {DEFAULT_MODEL_URI})")
     add_common_scoring_arguments(parser)
-    parser.add_argument("--chunk-rows", type=int, default=65_536,
+    parser.add_argument("--chunk-rows", type=at_least(1), default=65_536,
                         help="rows encoded and scored at a time (default 65536)")
 
 

@@ -43,7 +43,8 @@ def config_for(algo: str, seed: int = 0, live_share_cap: float = 0.3,
     """The frozen config of ``algo`` with the common knobs set and ``overrides`` applied.
 
     Raises:
-        ValueError: for an unknown algorithm or an override that is not a config field.
+        ValueError: for an unknown algorithm, an override that is not a config field, fewer
+            than one step, or a live-share cap outside (0, 1].
     """
     if algo == "sl_mgac":
         from models.allocators.sl_mgac import SLMGACConfig as cls
@@ -65,7 +66,13 @@ def config_for(algo: str, seed: int = 0, live_share_cap: float = 0.3,
     if unknown:
         raise ValueError(f"{algo}: unknown hyperparameters {sorted(unknown)}; "
                          f"known: {sorted(names)}")
-    return replace(cls(), **values, **dict(overrides or {}))
+    config = replace(cls(), **values, **dict(overrides or {}))
+    if config.n_steps < 1:
+        raise ValueError(f"{algo}: n_steps must be at least 1, got {config.n_steps}")
+    if not 0.0 < config.live_share_cap <= 1.0:
+        raise ValueError(f"{algo}: live_share_cap must be in (0, 1], got "
+                         f"{config.live_share_cap}")
+    return config
 
 
 DISTRIBUTED_ALGORITHMS: tuple[str, ...] = ("sl_mgac",)

@@ -52,6 +52,17 @@ class UserEncoderConfig:
     max_length: int = 20
     """T: longest history read; longer ones keep their most recent T behaviours."""
 
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "n_layers", "n_heads", "ffn_dim", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"user encoder {name} must be at least 1, "
+                                 f"got {getattr(self, name)}")
+        if self.embedding_dim % self.n_heads:
+            raise ValueError(f"user encoder n_heads ({self.n_heads}) must divide embedding_dim "
+                             f"({self.embedding_dim})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"user encoder dropout must be in [0, 1), got {self.dropout}")
+
     def for_schema(self, schema: ExampleSchema) -> UserEncoderConfig:
         """This config sized to an example schema's vocabulary and history length."""
         return replace(self, n_items=schema.vocab_sizes["item_id"],

@@ -235,3 +235,9 @@ def test_vocabulary_fits_a_lazy_frame_like_its_rows(tiny_events):
     frame = tiny_events.with_columns(pl.col("ts").dt.hour().cast(pl.Int64).alias("hour"))
     assert Vocabulary.fit(frame.lazy(), SPARSE_FEATURES) == Vocabulary.fit(frame,
                                                                            SPARSE_FEATURES)
+
+
+@pytest.mark.parametrize("field", ["history_length", "valid_days", "test_days"])
+def test_feature_config_needs_at_least_one_of_each(field):
+    with pytest.raises(ValueError, match=f"{field} must be at least 1"):
+        FeatureConfig(**{field: 0})

@@ -81,7 +81,10 @@ def test_champion_moves_on_pass_and_the_old_one_stays_retrievable(store):
     client = MlflowClient()
     assert client.get_model_version("ab-pass", "1").tags["retired_by_version"] == "2"
     assert client.get_model_version("ab-pass", "2").tags["promoted_by_run"] == summary["run_id"]
-    assert load_ranker("models:/ab-pass@previous-champion") is not None
+    previous = load_ranker("models:/ab-pass@previous-champion").model.state_dict()
+    for version, same in ((1, True), (2, False)):  # it is version 1's model, not version 2's
+        weights = load_ranker(f"models:/ab-pass/{version}").model.state_dict()
+        assert all(torch.equal(previous[k], weights[k]) for k in weights) is same
     # the next night: challenger == champion → nothing to do, no run
     again = ab_step(workspace, ABJob(model_name="ab-pass", gates=ALWAYS, n_boot=50))
     assert again["status"] == "same-version" and again["run_id"] is None

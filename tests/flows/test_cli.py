@@ -76,3 +76,34 @@ def test_every_command_has_help_and_json(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "--json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["score", "--input", "in.parquet", "--output", "out.parquet", "--chunk-rows", "0"],
+     "--chunk-rows"),
+    (["train-ranker", "--epochs", "0"], "--epochs"),
+    (["train-ranker", "--batch-size", "-5"], "--batch-size"),
+    (["train-ranker", "--lr", "nan"], "--lr"),
+    (["features", "--history-length", "0"], "--history-length"),
+    (["features", "--test-days", "-1"], "--test-days"),
+    (["pretrain", "--layers", "-1"], "--layers"),
+    (["serve", "--port", "70000"], "--port"),
+    (["ui", "--mlflow-port", "70000"], "--mlflow-port"),
+    (["train-allocator", "--steps", "-5"], "--steps"),
+    (["train-allocator", "--live-share-cap", "-1"], "--live-share-cap"),
+    (["ope", "obd", "--n-sim", "0"], "--n-sim"),
+    (["nightly", "--pretrain-steps", "0"], "--pretrain-steps"),
+    (["ab", "--eval-users", "0"], "--eval-users"),
+    (["pretrain", "--users-table", "no-such-users.parquet"], "--users-table"),
+])
+def test_an_option_out_of_range_exits_2_naming_it(home, capsys, argv, named):
+    assert main(argv) == USER_ERROR_EXIT
+    error = capsys.readouterr().err
+    assert named in error and "Traceback" not in error
+
+
+def test_a_home_that_is_a_file_exits_2_naming_it(tmp_path, capsys):
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    assert main(["ui", "--home", str(not_a_folder)]) == USER_ERROR_EXIT
+    assert str(not_a_folder) in capsys.readouterr().err

@@ -31,6 +31,10 @@ def test_nightly_flow_registers_a_ranker_that_loads_and_scores(tmp_path):
     assert set(summary["register"]["aliases"]) == {"challenger", "champion"}
     metrics = summary["train_ranker"]["metrics"]["test"]
     assert 0.5 < metrics["click"]["auc"] <= 1.0
+    # the night simulated its logs, so the ranker run has the oracle of the true probabilities
+    assert 0.5 < metrics["click"]["oracle_auc"] <= 1.0
+    assert metrics["click"]["auc_oracle_ratio"] == pytest.approx(
+        (metrics["click"]["auc"] - 0.5) / (metrics["click"]["oracle_auc"] - 0.5))
 
     mlflow.set_tracking_uri(workspace.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/recpipe-ranker@challenger")

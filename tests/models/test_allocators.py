@@ -250,3 +250,11 @@ def test_unknown_algorithms_and_hyperparameters_are_refused():
         config_for("ppo")
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         config_for("sl_mgac", overrides={"gamma_typo": 0.9})
+
+
+@pytest.mark.parametrize(("overrides", "cap", "message"), [
+    ({"n_steps": 0}, 0.3, "n_steps"), ({}, 0.0, "live_share_cap"), ({}, 1.5, "live_share_cap")])
+@pytest.mark.parametrize("algo", ["sl_mgac", "greedy", "dqn"])
+def test_allocator_config_rejects_no_steps_or_a_cap_outside_0_1(algo, overrides, cap, message):
+    with pytest.raises(ValueError, match=message):
+        config_for(algo, live_share_cap=cap, overrides=overrides)

@@ -94,3 +94,11 @@ def test_training_stops_on_nan_loss(arrays):
     config = TrainConfig(epochs=1, batch_size=64, progress=False)
     with pytest.raises(TrainingDivergedError, match="loss is nan"):
         fit(model, MultiTaskLoss(schema.tasks), data, config, [t.name for t in schema.tasks])
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("epochs", 0), ("batch_size", -5), ("learning_rate", 0.0), ("learning_rate", float("nan")),
+    ("weight_decay", -1.0)])
+def test_train_config_rejects_values_that_would_train_nothing(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})

@@ -7,6 +7,7 @@ suite still runs the step without ground truth inside the nightly flow test."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -104,6 +105,14 @@ def test_ground_truth_from_another_simulation_is_refused(simulated, tmp_path):
         load_ground_truth(other, test)
     with pytest.raises(ValueError, match="no ground truth"):
         load_ground_truth(tmp_path / "missing", test)
+    # the nightly's optional ground truth: the run trains, without oracle metrics
+    job = RankerJob(ranker={"arch": "mmoe", **SMALL},
+                    train={"epochs": 1, "batch_size": 256, "progress": False},
+                    ground_truth=str(other), ground_truth_optional=True)
+    summary = train_ranker_step(workspace, job)
+    assert "oracle_auc" not in summary["metrics"]["test"]["click"]
+    with pytest.raises(ValueError, match="different simulation"):
+        train_ranker_step(workspace, replace(job, ground_truth_optional=False))
 
 
 @pytest.mark.integration

@@ -239,3 +239,11 @@ def test_a_ranker_with_the_adapter_rebuilds_from_config_plus_spec(ranker_data):
     batch = data.batch(np.arange(32))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(batch), model(batch))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"n_layers": 0}, "n_layers"), ({"embedding_dim": 0}, "embedding_dim"),
+    ({"n_heads": 3}, "must divide"), ({"dropout": 1.0}, "dropout")])
+def test_encoder_config_rejects_an_unbuildable_encoder(change, message):
+    with pytest.raises(ValueError, match=message):
+        UserEncoderConfig(**{**CONFIG.to_dict(), **change})
