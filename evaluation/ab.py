@@ -6,10 +6,12 @@ Gates (``GateConfig``) read only the table, so rankers (AUC / GAUC / logloss per
 allocators (off-policy value, true value from the simulator) go through the same code.
 
 Resampling unit: the user. Every replicate draws users with replacement and takes all of
-their rows, for both models at once (paired), for every metric. Rows of one user are
-correlated (same tastes, same session), and GAUC is itself an average of per-user AUCs, so
-resampling rows would understate the uncertainty; resampling users is the cluster bootstrap
-that matches how the test logs were generated.
+their rows, for both models at once (paired). A ranker's tasks are resampled separately,
+over the users with observed labels of that task, so each row's interval is paired but the
+intervals of different tasks are not one joint draw (read them one at a time). Rows of one
+user are correlated (same tastes, same session), and GAUC is itself an average of per-user
+AUCs, so resampling rows would understate the uncertainty; resampling users is the cluster
+bootstrap that matches how the test logs were generated.
 """
 
 from __future__ import annotations
@@ -412,16 +414,21 @@ def guard_gate(table: MetricTable, guard: Guard, rule: Rule) -> GateResult:
     if row is None:
         return GateResult("guard", guard.metric, False,
                           f"guard metric {guard.metric} is not in the comparison table")
+    if math.isfinite(row.champion) and not math.isfinite(row.challenger):
+        return GateResult("guard", row.metric, False,  # the challenger broke it: fail closed
+                          f"{row.metric}: the challenger's value is {row.challenger} where the "
+                          f"champion's is {row.champion:.4f}")
     low, _ = row.improvement_interval
-    measured = low if rule == "interval" else row.improvement
-    if not math.isfinite(measured):
+    use_interval = rule == "interval" and math.isfinite(low)  # else the point estimate
+    measured = low if use_interval else row.improvement
+    if not math.isfinite(measured):  # neither model measurable here (e.g. no positives)
         return GateResult("guard", row.metric, True,
                           f"{row.metric} is not measurable on these logs (skipped)")
     if measured >= -guard.tolerance:
         return GateResult("guard", row.metric, True,
                           f"{row.metric} {row.improvement:+.4f} within tolerance "
                           f"{guard.tolerance:g}")
-    what = "interval's worst end" if rule == "interval" else "point estimate"
+    what = "interval's worst end" if use_interval else "point estimate"
     return GateResult("guard", row.metric, False,
                       f"{row.metric} degrades beyond tolerance {guard.tolerance:g} "
                       f"({what} {measured:+.4f})")

@@ -33,7 +33,10 @@ def _tied_ranks(sorted_keys: np.ndarray, group_start: np.ndarray) -> np.ndarray:
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann–Whitney, ties count half); NaN if one class is absent."""
+    """Area under the ROC curve (Mann–Whitney, ties count half); NaN if one class is absent
+    (or there are no rows)."""
+    if len(labels) == 0:
+        return float("nan")
     return float(grouped_auc(labels, scores, np.zeros(len(labels), dtype=np.int64))[0][0])
 
 

@@ -172,26 +172,27 @@ def split_dates(dates: list[date], config: FeatureConfig) -> dict[str, list[date
 
 def attach_histories(events: pl.DataFrame, history_length: int) -> pl.DataFrame:
     """Add raw ``hist_item_id`` / ``hist_behavior`` lists: the user's last N impressions with
-    a timestamp strictly before this one and from another request, oldest first. Impressions
-    of one request (same ``request_id``, or same timestamp) never see each other: the feed
-    is ranked before any of them is watched.
+    a timestamp strictly before this impression's request started, oldest first. A request is
+    ranked when it starts (its earliest impression; an impression without ``request_id`` is a
+    request of its own), before any of its impressions is watched: so impressions of one
+    request never see each other, nor anything that happened after the request started (an
+    interleaved request), and impressions at one timestamp never see each other.
 
     events: one row per impression, any order. Returns the rows sorted by (user_id, ts,
     event_id).
     """
+    request_start = (pl.when(pl.col("request_id").is_null()).then(pl.col("ts"))
+                     .otherwise(pl.col("ts").min().over("user_id", "request_id")))
     frame = events.sort("user_id", "ts", "event_id").with_columns(behavior_code().alias("_b"))
     user = frame.get_column("user_id").to_numpy()
     ts = frame.get_column("ts").to_physical().to_numpy()
+    cutoff = frame.select(request_start.to_physical()).to_series().to_numpy()  # (n,)
     n = frame.height
     row = np.arange(n)
     new_user = np.ones(n, dtype=bool)
     new_user[1:] = user[1:] != user[:-1]
-    request = frame.get_column("request_id")
-    same_request = (request == request.shift(1)).fill_null(False).to_numpy()  # null ≠ null
-    new_instant = new_user.copy()
-    new_instant[1:] |= (ts[1:] != ts[:-1]) & ~same_request[1:]
     user_start = np.maximum.accumulate(np.where(new_user, row, 0))
-    history_end = np.maximum.accumulate(np.where(new_instant, row, 0))  # first row at this ts
+    history_end = _first_row_at(np.cumsum(new_user) - 1, ts, cutoff)  # first row at cutoff
     history_start = np.maximum(user_start, history_end - history_length)
     lengths = history_end - history_start  # (n,)
     offsets = np.arange(history_length) - history_length  # (N,) ... -2, -1
@@ -205,6 +206,16 @@ def attach_histories(events: pl.DataFrame, history_length: int) -> pl.DataFrame:
         pl.Series(SEQUENCE_ITEM_FEATURE, items).arr.to_list().list.tail(length),
         pl.Series(SEQUENCE_BEHAVIOR_FEATURE, behaviors).arr.to_list().list.tail(length),
     )
+
+
+def _first_row_at(user_index: np.ndarray, ts: np.ndarray, cutoff: np.ndarray) -> np.ndarray:
+    """For every row, the first row of its user whose ts is >= its cutoff (each cutoff is a
+    ts of that user). Rows sorted by (user, ts); all arrays (n,). One search over the key
+    user * T + dense rank of ts, sorted as the rows are (T distinct timestamps, so the key
+    stays below n * T)."""
+    distinct, ts_rank = np.unique(ts, return_inverse=True)
+    key = user_index * len(distinct) + ts_rank
+    return np.searchsorted(key, user_index * len(distinct) + np.searchsorted(distinct, cutoff))
 
 
 def task_targets(tasks: tuple[TaskSpec, ...]) -> list[pl.Expr]:

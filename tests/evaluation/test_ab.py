@@ -147,8 +147,12 @@ def test_missing_and_unmeasurable_metrics():
     nan_guard = MetricTable((row("click/gauc", 0.02, 0.01, 0.03),
                              MetricRow("follow/auc", math.nan, math.nan, math.nan, math.nan,
                                        math.nan)))
-    decision = evaluate_gates(nan_guard, gates)
+    decision = evaluate_gates(nan_guard, gates)  # neither model measurable: the guard skips
     assert decision.promote and "not measurable" in decision.gates[1].reason
+    broken = MetricTable((row("click/gauc", 0.02, 0.01, 0.03),  # NaN predictions, say
+                          MetricRow("follow/auc", 0.70, math.nan, math.nan, math.nan, math.nan)))
+    decision = evaluate_gates(broken, gates)
+    assert not decision.promote and "challenger's value is nan" in decision.gates[1].reason
     no_primary = MetricTable((row("click/auc", 0.02, 0.01, 0.03),))
     decision = evaluate_gates(no_primary, gates)
     assert not decision.promote and "not in the comparison table" in decision.summary

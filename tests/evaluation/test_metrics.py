@@ -38,3 +38,16 @@ def test_logloss_and_ece():
     assert logloss(labels, np.array([0.8, 0.2])) == pytest.approx(-np.log(0.8))
     probabilities = np.array([0.1, 0.1, 0.9, 0.9])
     assert expected_calibration_error(np.array([0, 0, 1, 1]), probabilities) == pytest.approx(0.1)
+
+
+def test_a_task_without_observed_labels_gets_nan_metrics():
+    from evaluation.metrics import task_metrics
+    from features.schema import TaskSpec
+
+    tasks = (TaskSpec("click", "binary", "click"), TaskSpec("gift", "binary", "gift"))
+    labels = np.array([[1.0, np.nan], [0.0, np.nan], [1.0, np.nan]])  # gift never observed
+    predictions = np.array([[0.9, 0.1], [0.2, 0.1], [0.7, 0.1]])
+    metrics = task_metrics(predictions, labels, np.array([1, 1, 2]), tasks)
+    assert metrics["click"]["auc"] == pytest.approx(1.0)
+    assert metrics["gift"]["n"] == 0
+    assert all(np.isnan(metrics["gift"][name]) for name in ("auc", "gauc", "logloss"))

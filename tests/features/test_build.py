@@ -104,6 +104,24 @@ def test_slots_of_one_request_do_not_see_each_other_even_with_later_timestamps(t
         assert all(h == histories[0] for h in histories)
 
 
+def test_history_ends_where_the_impressions_request_started(tiny_events):
+    """Interleaved requests of one user: C at t=2 and t=4, D at t=3; A at t=0 and t=1, B at
+    t=1; one impression without a request at t=5. Each impression sees only what happened
+    before its request was ranked (its request's first impression)."""
+    one = tiny_events.head(1)
+    rows = [("a0", 0, "A", 10), ("a1", 1, "A", 11), ("b1", 1, "B", 12), ("c2", 2, "C", 13),
+            ("d3", 3, "D", 14), ("c4", 4, "C", 15), ("x5", 5, None, 16)]
+    start = one.get_column("ts")[0]
+    events = pl.concat([one.with_columns(
+        pl.lit(event_id).alias("event_id"), pl.lit(start + timedelta(seconds=second)).alias("ts"),
+        pl.lit(request, pl.String).alias("request_id"), pl.lit(item).alias("item_id"),
+        pl.lit(7).alias("user_id")) for event_id, second, request, item in rows])
+    histories = dict(attach_histories(events, history_length=10)
+                     .select("event_id", "hist_item_id").iter_rows())
+    assert histories == {"a0": [], "a1": [], "b1": [10], "c2": [10, 11, 12],
+                         "d3": [10, 11, 12, 13], "c4": [10, 11, 12], "x5": [10, 11, 12, 13, 14, 15]}
+
+
 def write_lake(events: pl.DataFrame, lake: Path) -> Path:
     """A lake holding ``events`` (one partition per UTC date), without going through ingest."""
     for (day,), part in events.group_by(pl.col("ts").dt.date()):

@@ -36,7 +36,7 @@ def test_steps_chain_from_simulation_to_a_registered_ranker(home, tmp_path, caps
     assert bucketed["rows"] == built["rows"]
     assert pl.read_parquet(train_file).equals(whole)
     assert main(["features", "--max-rows-in-memory", "0"]) == USER_ERROR_EXIT
-    assert "max_rows_in_memory must be at least 1" in capsys.readouterr().err
+    assert "--max-rows-in-memory: must be at least 1" in capsys.readouterr().err
     trained = run_json(capsys, "train-ranker", "--epochs", "1")
     for split in ("valid", "test"):
         for task in ("click", "like", "follow", "long_view"):
@@ -72,9 +72,7 @@ def test_ui_prints_commands_for_this_workspace(home, capsys):
     "pretrain", "train-allocator", "serve", "score", "ui",
 ])
 def test_every_command_has_help_and_json(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
-    assert exit_info.value.code == 0
+    assert main([command, "--help"]) == 0
     assert "--json" in capsys.readouterr().out
 
 
