@@ -19,7 +19,7 @@ from features import lake
 from flows import allocation_steps, evaluation_steps, steps
 from flows.caching import PathsRead, cached, reads_nothing
 from flows.partitions import PartitionRunner
-from flows.pretrain_steps import pretrain_step
+from flows.pretrain_steps import EMBEDDINGS_DIR, pretrain_step
 from flows.workspace import Workspace
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
@@ -142,8 +142,12 @@ def nightly(
         states: dict[str, str] = {}
         summary: dict = {"workspace": str(workspace.root), "task_states": states}
 
-        def run(task: Task, reads: PathsRead, *args: object) -> dict:
-            state = cached(task, workspace, reads, fresh)(*args, return_state=True)
+        def run(task: Task, reads: PathsRead, *args: object, writes: tuple[Path, ...] = ()
+                ) -> dict:
+            """``task`` cached on what it reads; rerun (its record replaced) when ``fresh``
+            or when an output a reused record would rely on is gone (deleted since)."""
+            rerun = fresh or not all(path.exists() for path in writes)
+            state = cached(task, workspace, reads, rerun)(*args, return_state=True)
             states[task.name] = state.name
             return state.result()
 
@@ -153,19 +157,21 @@ def nightly(
                 raise ValueError(f"source {source!r} needs an input_path")
             out_dir = workspace.raw / f"simulator-seed{seed}-users{users}-days{days}"
             summary["simulate"] = run(simulate_task, reads_nothing, str(out_dir), users, days,
-                                      seed)
+                                      seed, writes=(out_dir,))
             input_path = str(out_dir)
         summary["ingest"] = run(ingest_task, reads_input_path, source, input_path, root,
-                                partition_runner, dask_address)
+                                partition_runner, dask_address,
+                                writes=(lake.events_dir(workspace.lake),))
         logger.info("ingest: %s", {k: summary["ingest"][k] for k in
                                    ("input_rows", "accepted", "quarantined", "duplicates")})
         summary["features"] = run(features_task, reads_lake_events, root,
-                                  history_length)
+                                  history_length, writes=(workspace.examples,))
         logger.info("examples: %s", summary["features"]["rows"])
         encoder_uri = None
         if pretrain_method:
             summary["pretrain"] = run(pretrain_task, reads_examples, root, pretrain_method,
-                                      pretrain_steps, seed)
+                                      pretrain_steps, seed,
+                                      writes=(workspace.lake / EMBEDDINGS_DIR,))
             encoder_uri = summary["pretrain"]["model_uri"]
             logger.info("pretrained %s: %s", pretrain_method, summary["pretrain"]["registered"])
         truth = Path(input_path) / "ground_truth.parquet"  # simulator logs: oracle metrics

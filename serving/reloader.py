@@ -110,6 +110,9 @@ class ModelWatcher:
         self.poll_interval_s = poll_interval_s
         self._load_ranker, self._load_allocator = ranker_loader, allocator_loader
         self._current: Snapshot | None = None
+        self._allocator_error: str | None = None
+        """Set by ``_build_allocator`` when a new allocator version failed to load and the
+        working one was kept; reported as ``status.last_error`` (``/health``: degraded)."""
         self._lock = threading.Lock()  # one refresh at a time; readers never take it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,6 +161,7 @@ class ModelWatcher:
                         and not self._allocator_failed(old, allocator_version):
                     self.status.last_error = None
                     return False
+                self._allocator_error = None
                 new = self._build(old, version)
             except Exception as error:  # noqa: BLE001 (keep serving the old snapshot)
                 self.status.errors += 1
@@ -168,7 +172,9 @@ class ModelWatcher:
             changed = (new.ranker.version != old.ranker.version
                        or new.allocator_info != old.allocator_info)
             self._current = new  # the atomic swap
-            self.status.last_error = None
+            self.status.last_error = self._allocator_error
+            if self._allocator_error is not None:
+                self.status.errors += 1
             if changed:
                 self.status.swaps += 1
                 self._record("swapped", new)
@@ -236,7 +242,13 @@ class ModelWatcher:
         except Exception as error:  # noqa: BLE001 (the ranking must go on without it)
             message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
             log.warning("cannot load allocator %s (version %s): %s", uri, version, message)
-            return None, None, f"{uri} (version {version}) failed to load: {message}"
+            failure = f"{uri} (version {version}) failed to load: {message}"
+            if old is not None and old.allocator is not None \
+                    and old.allocator_info is not None:  # keep the working one
+                self._allocator_error = (f"{failure}; still serving version "
+                                         f"{old.allocator_info.version}")
+                return old.allocator, old.allocator_info, old.allocator_reason
+            return None, None, failure
         return allocator, self._info(self.allocator_name, version), ""
 
     @staticmethod

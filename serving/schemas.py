@@ -32,6 +32,10 @@ __all__ = ["Candidate", "Context", "HistoryEntry", "Limits", "RankRequest"]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+MAX_TASK_WEIGHT = 1e6
+"""Bound of a request's blend weight: beyond it the blended score can overflow to inf/NaN
+(watch time is in seconds, so 1e6 already dwarfs every probability)."""
+
 Id = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False, strict=True)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
@@ -98,6 +102,16 @@ class Context(_Strict):
     """Numeric session state for the live-stream allocator (e.g. ``request_index``,
     ``session_watch_time_s``, ``activity_group``); the ranker does not read it."""
 
+    @field_validator("ts")
+    @classmethod
+    def _ts_has_a_utc_time(cls, ts: datetime | None) -> datetime | None:
+        if ts is not None:
+            try:
+                utc(ts)
+            except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+                raise ValueError("is out of range once converted to UTC") from None
+        return ts
+
     @model_validator(mode="after")
     def _hour_agrees_with_ts(self) -> Context:
         if self.ts is not None and self.hour is not None and utc(self.ts).hour != self.hour:
@@ -114,9 +128,10 @@ class RankRequest(_Strict):
     history: list[HistoryEntry] = Field(default_factory=list)
     """The user's recent items, oldest first (the model reads the last N)."""
     context: Context = Field(default_factory=Context)
-    task_weights: dict[str, FiniteFloat] | None = None
+    task_weights: dict[str, Annotated[FiniteFloat, Field(ge=-MAX_TASK_WEIGHT,
+                                                          le=MAX_TASK_WEIGHT)]] | None = None
     """Blend weights per task for this request, replacing the service's (tasks left out
-    weigh 0)."""
+    weigh 0); each within ±``MAX_TASK_WEIGHT``."""
     top_k: Annotated[StrictInt, Field(ge=1)] | None = None
     """Return only the best ``top_k`` candidates."""
     request_id: Annotated[str, Field(max_length=200)] | None = None

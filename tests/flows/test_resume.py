@@ -141,3 +141,25 @@ def assert_same_metrics(got: dict, want: dict) -> None:
                 # the two runs may use different torch thread counts: summation order, not training
                 assert got[split][task][name] == pytest.approx(value, abs=1e-4, nan_ok=True), \
                     (split, task, name)
+
+
+@pytest.mark.integration
+def test_a_deleted_lake_is_rebuilt_not_taken_from_the_cache(tmp_path):
+    """A record must not stand in for outputs deleted since: with the lake gone, ingest and
+    features run again (and the examples, rebuilt identical, keep training cached)."""
+    import shutil
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.nightly import nightly
+
+    home = tmp_path / "ws"
+    night = {**TINY_NIGHT, "users": 60, "days": 3, "home": str(home)}
+    with prefect_test_harness(server_startup_timeout=90):
+        nightly(**night)
+        shutil.rmtree(home / "lake")
+        again = nightly(**night)
+    assert again["task_states"]["simulate"] == "Cached"
+    assert again["task_states"]["ingest"] == again["task_states"]["features"] == "Completed"
+    assert again["task_states"]["train-ranker"] == "Cached"
+    assert (home / "lake" / "examples" / "train.parquet").is_file()

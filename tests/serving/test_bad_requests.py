@@ -58,6 +58,12 @@ BAD = [
      "task_weights: weight(s) for unknown task(s) ['clicks']"),
     ("weight not a number", with_(task_weights={"click": "high"}), 422,
      "task_weights.click: Input should be a valid number"),
+    ("ts before year 1 in UTC", with_(context={"ts": "0001-01-01T00:00:00+01:00"}), 422,
+     "context.ts: is out of range once converted to UTC"),
+    ("ts after year 9999 in UTC", with_(context={"ts": "9999-12-31T23:00:00-05:00",
+                                                  "hour": 23}), 422, "context.ts"),
+    ("overflowing weight", with_(task_weights={"watch_time": 1e308}), 422,
+     "task_weights.watch_time: Input should be less than or equal to 1000000"),
     ("top_k zero", with_(top_k=0), 422, "top_k: Input should be greater than or equal to 1"),
     ("body is a list", [OK], 422, "body: Input should be an object"),
 ]

@@ -257,6 +257,16 @@ def test_allocator_registered_later_is_loaded_and_decides(switching, body):
             assert "request_index" in missing.json()["allocation"]["reason"]
             allocator = client.get("/models").json()["models"][1]
             assert allocator["loaded"] is True and allocator["version"] == version
+            # a new allocator version that cannot load never replaces the working one
+            broken = registry.create_model_version("recpipe-allocator",
+                                                   source=str(store.root / "no-such-model"))
+            registry.set_registered_model_alias("recpipe-allocator", "champion", broken.version)
+            assert watcher.refresh() is False
+            kept = client.post("/rank", json=live).json()["allocation"]
+            assert kept["available"] is True and kept["model"]["version"] == version
+            health = client.get("/health").json()
+            assert health["status"] == "degraded"
+            assert f"still serving version {version}" in health["last_error"]
     finally:
         MlflowClient(store.tracking_uri).delete_registered_model("recpipe-allocator")
 
