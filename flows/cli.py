@@ -54,6 +54,14 @@ TRAINING_FAILED_EXIT = 3
 """Exit status when training diverged (loss NaN or infinite): nothing was registered."""
 
 
+LOCKED_COMMANDS = frozenset({"ingest", "features", "train-ranker", "pretrain",
+                             "train-allocator", "ab"})
+"""Commands that write the workspace's lake or registry: they hold its run lock for their
+whole run, so none of them interleaves with a nightly run or with each other (``nightly``
+and ``schedule`` take the lock inside each flow run; torchrun ranks run under their
+launcher's)."""
+
+
 class UserError(Exception):
     """A problem the user can fix (bad input, missing prerequisite): exit 2, no traceback."""
 
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         workspace = Workspace.from_env(args.home)
         workspace.configure_environment()
-        summary = args.handler(args, workspace)
+        summary = run_command(args, workspace)
     except (UserError, WorkspaceBusyError, ValueError, OSError) as error:
         # ValueError: IngestError, FeatureBuildError, bad configs; OSError: a path given
         # that cannot be used (its message names it)
@@ -80,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary, default=str))
     return 0
+
+
+def run_command(args: argparse.Namespace, workspace: Workspace) -> dict:
+    """The command's handler, under the workspace's run lock for ``LOCKED_COMMANDS``."""
+    if args.command in LOCKED_COMMANDS and getattr(args, "rank_job", None) is None:
+        with workspace.exclusive_run(f"recpipe {args.command}"):
+            return args.handler(args, workspace)
+    return args.handler(args, workspace)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,15 @@ def test_a_second_nightly_run_stops_naming_the_holder_and_writes_nothing(
     assert not any(Workspace(home).lake.iterdir())  # nothing ingested
 
 
+@pytest.mark.parametrize("argv", [["features"], ["train-ranker"], ["ab"],
+                                  ["ingest", "--source", "simulator", "--input", "nowhere"]])
+def test_commands_that_write_wait_their_turn_too(holder, tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main([*argv, "--home", str(tmp_path / "ws")]) == USER_ERROR_EXIT
+    error = capsys.readouterr().err
+    assert "is busy" in error and "a test holder" in error
+
+
 def test_a_killed_run_releases_the_workspace(holder, tmp_path):
     workspace = Workspace(tmp_path / "ws")
     with pytest.raises(WorkspaceBusyError, match="a test holder"), \
