@@ -98,6 +98,13 @@ class Workspace:
     def run_lock(self) -> Path:
         return self.root / "run.lock"
 
+    def run_lock_holder(self) -> str:
+        """Who took the run lock last (JSON: what, pid, since), or "unknown"."""
+        try:
+            return self.run_lock.with_suffix(".holder").read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
     @contextmanager
     def exclusive_run(self, what: str) -> Iterator[None]:
         """Hold the workspace's run lock while ``what`` runs, or raise WorkspaceBusyError
@@ -109,16 +116,14 @@ class Workspace:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
+                holder = self.run_lock_holder()
                 raise WorkspaceBusyError(
                     f"workspace {self.root} is busy: {holder} holds {self.run_lock}; wait for it "
                     "to finish (or stop it) and start again") from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(json.dumps({"what": what, "pid": os.getpid(),
-                                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
-            handle.flush()
+            details = self.run_lock.with_name(f".{self.run_lock.name}.{os.getpid()}.tmp")
+            details.write_text(json.dumps({"what": what, "pid": os.getpid(),
+                                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+            details.replace(self.run_lock.with_suffix(".holder"))  # whole, never half-written
             yield
         finally:
             handle.close()  # closing the file releases the lock
