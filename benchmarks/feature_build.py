@@ -88,14 +88,6 @@ def same_examples(first: Path, second: Path) -> bool:
     return (first / "vocab.json").read_bytes() == (second / "vocab.json").read_bytes()
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo), or 'unknown'."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5_000_000)
@@ -109,6 +101,8 @@ def main() -> None:
         run_build(*args.child)
         return
     lake = prepare_lake(args.rows, args.data)
+    from ingest import cpu_model
+
     from features.build import FeatureConfig, plan_build, profile_lake
 
     events = int(profile_lake(lake).get_column("rows").sum())

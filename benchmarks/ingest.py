@@ -237,12 +237,16 @@ TARGET_FLOOR, TARGET_PANDAS, TARGET_RSS_GB = 1.5, 1.5, 1.0
 """Targets: recpipe within 1.5x of the floor's time, >= 1.5x pandas' speed, <= 1 GB RSS."""
 
 
-def machine() -> dict:
-    cpu = "unknown CPU"
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), or 'unknown CPU'."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def machine() -> dict:
+    cpu = cpu_model()
     mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal:"))
     import pandas as pd

@@ -98,10 +98,15 @@ class Workspace:
     def run_lock(self) -> Path:
         return self.root / "run.lock"
 
+    @property
+    def run_lock_holder_file(self) -> Path:
+        """Who took the run lock last, written whole by ``exclusive_run``."""
+        return self.root / "run.holder"
+
     def run_lock_holder(self) -> str:
         """Who took the run lock last (JSON: what, pid, since), or "unknown"."""
         try:
-            return self.run_lock.with_suffix(".holder").read_text().strip() or "unknown"
+            return self.run_lock_holder_file.read_text().strip() or "unknown"
         except OSError:
             return "unknown"
 
@@ -123,7 +128,7 @@ class Workspace:
             details = self.run_lock.with_name(f".{self.run_lock.name}.{os.getpid()}.tmp")
             details.write_text(json.dumps({"what": what, "pid": os.getpid(),
                                            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
-            details.replace(self.run_lock.with_suffix(".holder"))  # whole, never half-written
+            details.replace(self.run_lock_holder_file)  # whole, never half-written
             yield
         finally:
             handle.close()  # closing the file releases the lock

@@ -37,10 +37,12 @@ _POOLING_MODES = {PoolingType.SUM: 0, PoolingType.MEAN: 1}
 
 def pooled_lookup(collection: torch.nn.Module, features: KeyedJaggedTensor) -> KeyedTensor:
     """``collection(features)``: a KeyedTensor of (B, D) per feature, (B, sum D) in all."""
-    plan = _plan(collection, features)
-    if plan is None:
+    if type(collection) is not EmbeddingBagCollection:  # e.g. sharded by DMP
         return collection(features)
     weights = [bag.weight for bag in collection.embedding_bags.values()]  # (rows_t, D_t) each
+    plan = _plan(collection, features, weights)
+    if plan is None:
+        return collection(features)
     flat = torch.cat([weight.reshape(-1) for weight in weights])  # (sum rows_t * D_t,)
     values = torch.ops.fbgemm.dense_embedding_codegen_lookup_function(
         dev_weights=flat,
@@ -86,15 +88,16 @@ def _cached_plan(rows: tuple[int, ...], dims: tuple[int, ...], feature_tables: t
     return _Plan(rows, dims, feature_tables, keys, pooling_mode)
 
 
-def _plan(collection: torch.nn.Module, features: KeyedJaggedTensor) -> _Plan | None:
-    """The collection's plan, or None where the batched call does not apply."""
-    if (type(collection) is not EmbeddingBagCollection or collection.is_weighted()
-            or collection._forward_hooks or collection._forward_pre_hooks
+def _plan(collection: EmbeddingBagCollection, features: KeyedJaggedTensor,
+          weights: list[torch.Tensor]) -> _Plan | None:
+    """The collection's plan (``weights``: its tables' weights in order), or None where the
+    batched call does not apply."""
+    if (collection.is_weighted() or collection._forward_hooks
+            or collection._forward_pre_hooks
             or not hasattr(torch.ops.fbgemm, "dense_embedding_codegen_lookup_function")):
         return None
     configs = collection.embedding_bag_configs()
     poolings = {config.pooling for config in configs}
-    weights = [bag.weight for bag in collection.embedding_bags.values()]
     if (len(poolings) != 1 or next(iter(poolings)) not in _POOLING_MODES
             or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights)):
         return None
