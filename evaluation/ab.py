@@ -120,6 +120,16 @@ def metric_row(metric: str, champion: float, challenger: float, champion_reps: n
                      p_better=float(better.mean()) if finite.size else float("nan"))
 
 
+BINARY_METRICS: tuple[tuple[str, bool], ...] = (("auc", True), ("gauc", True), ("logloss", False))
+"""A binary task's comparison metrics and whether higher is better."""
+
+
+def unmeasured_row(metric: str, higher_is_better: bool) -> MetricRow:
+    """A row for a metric neither model can be measured on (e.g. no observed labels)."""
+    nan = float("nan")
+    return MetricRow(metric, nan, nan, nan, nan, nan, higher_is_better)
+
+
 # --------------------------------------------------------------------------------------
 # Ranker metrics under a user-level bootstrap
 # --------------------------------------------------------------------------------------
@@ -134,9 +144,12 @@ def user_counts(user_ids: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarra
 def bootstrap_auc(labels: np.ndarray, scores: np.ndarray, user_index: np.ndarray,
                   counts: np.ndarray, chunk: int = 128) -> np.ndarray:
     """(B,) AUC (ties count half) of every resample, rows weighted by their user's
-    multiplicity; computed on tie groups of the sorted scores with sparse (U, G) counts."""
+    multiplicity; computed on tie groups of the sorted scores with sparse (U, G) counts.
+    All NaN when a score is not finite."""
     import scipy.sparse as sp
 
+    if not np.isfinite(scores).all():  # as ``metrics.grouped_auc``: NaN is not a ranking
+        return np.full(counts.shape[0], np.nan)
     order = np.argsort(scores, kind="stable")
     s, y, u = scores[order], labels[order] > 0.5, user_index[order]
     tie = np.concatenate([[0], np.cumsum(s[1:] != s[:-1])])  # (N,) tie-group id
@@ -191,11 +204,15 @@ def ranker_metric_table(labels: np.ndarray, champion: np.ndarray, challenger: np
 
     labels (N, K) with NaN where unobserved (regression labels are log1p seconds);
     champion / challenger (N, K) predictions (probabilities, predicted seconds);
-    user_ids (N,)."""
+    user_ids (N,). A task without observed labels gets rows of NaN (its guards skip); a
+    model with a NaN or infinite prediction on a task's rows gets NaN there (its guards
+    fail when the other model is measurable)."""
     rows: list[MetricRow] = []
     for k, task in enumerate(tasks):
         observed = np.isfinite(labels[:, k])
-        if not observed.any():
+        if not observed.any():  # NaN rows: its guards skip (not measurable), not fail
+            names = BINARY_METRICS if task.kind == "binary" else (("rmse_log", False),)
+            rows += [unmeasured_row(f"{task.name}/{name}", higher) for name, higher in names]
             continue
         y = labels[observed, k].astype(np.float64)
         user_index, counts = user_counts(np.asarray(user_ids)[observed], n_boot, seed)
@@ -204,7 +221,7 @@ def ranker_metric_table(labels: np.ndarray, champion: np.ndarray, challenger: np
                                        user_index, counts)
             b = binary_task_replicates(y, challenger[observed, k].astype(np.float64),
                                        user_index, counts)
-            for name, higher in (("auc", True), ("gauc", True), ("logloss", False)):
+            for name, higher in BINARY_METRICS:
                 rows.append(metric_row(f"{task.name}/{name}", a[name][0], b[name][0],
                                        a[name][1], b[name][1], level, higher))
         else:
@@ -348,6 +365,8 @@ class GateResult:
     metric: str
     passed: bool
     reason: str
+    skipped: bool = False
+    """A guard that could not compare (the champion is not measurable on these logs)."""
 
 
 @dataclass(frozen=True)
@@ -381,8 +400,11 @@ def evaluate_gates(table: MetricTable, config: GateConfig) -> Decision:
     promote = all(r.passed for r in results)
     failed = [r for r in results if not r.passed]
     if promote:
-        summary = (f"promote: {results[0].reason}; all {len(config.guards)} guards and "
-                   f"{len(config.limits)} limits hold")
+        skipped = sum(r.skipped for r in results)
+        held = len(config.guards) - skipped
+        summary = (f"promote: {results[0].reason}; {held} of {len(config.guards)} guards and "
+                   f"all {len(config.limits)} limits hold"
+                   + (f", {skipped} guard(s) skipped: not measurable" if skipped else ""))
     else:
         summary = "keep the champion: " + "; ".join(r.reason for r in failed)
     return Decision(promote, "promote" if promote else "keep-champion", tuple(results), summary)
@@ -421,9 +443,10 @@ def guard_gate(table: MetricTable, guard: Guard, rule: Rule) -> GateResult:
     low, _ = row.improvement_interval
     use_interval = rule == "interval" and math.isfinite(low)  # else the point estimate
     measured = low if use_interval else row.improvement
-    if not math.isfinite(measured):  # neither model measurable here (e.g. no positives)
+    if not math.isfinite(measured):  # the champion is not measurable here (e.g. no positives)
         return GateResult("guard", row.metric, True,
-                          f"{row.metric} is not measurable on these logs (skipped)")
+                          f"{row.metric} is not measurable on these logs (skipped)",
+                          skipped=True)
     if measured >= -guard.tolerance:
         return GateResult("guard", row.metric, True,
                           f"{row.metric} {row.improvement:+.4f} within tolerance "

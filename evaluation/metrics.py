@@ -33,8 +33,8 @@ def _tied_ranks(sorted_keys: np.ndarray, group_start: np.ndarray) -> np.ndarray:
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann–Whitney, ties count half); NaN if one class is absent
-    (or there are no rows)."""
+    """Area under the ROC curve (Mann–Whitney, ties count half); NaN if one class is absent,
+    there are no rows, or a score is NaN or infinite."""
     if len(labels) == 0:
         return float("nan")
     return float(grouped_auc(labels, scores, np.zeros(len(labels), dtype=np.int64))[0][0])
@@ -44,7 +44,9 @@ def grouped_auc(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-group AUC. Returns (auc per group (G,), rows per group (G,)); NaN where a group
-    lacks positives or negatives. Groups are ordered by sorted group id."""
+    lacks positives or negatives, and everywhere when a score is not finite (a model that
+    emits NaN is not measurable, not ranked in some groups only). Groups are ordered by
+    sorted group id."""
     labels = np.asarray(labels, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     _, group_index = np.unique(np.asarray(groups), return_inverse=True)
@@ -66,6 +68,8 @@ def grouped_auc(
     with np.errstate(divide="ignore", invalid="ignore"):
         values = (rank_sum - pos * (pos + 1) / 2.0) / (pos * neg)
     values[(pos == 0) | (neg == 0)] = np.nan
+    if not np.isfinite(scores).all():  # NaN would sort as the top score: no ranking at all
+        values[:] = np.nan
     return values, counts
 
 

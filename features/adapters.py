@@ -16,6 +16,7 @@ raises :class:`IngestError` naming the file and the problem.
 from __future__ import annotations
 
 import codecs
+import csv
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,28 @@ def _parquet_schema(path: Path) -> pl.Schema:
         return pl.read_parquet_schema(path)
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise IngestError(f"{path}: not a Parquet file: {error_summary(exc)}") from exc
+
+
+def locate_csv_problem(path: Path) -> str | None:
+    """Where a CSV file stops being readable, for the error message: the first line that
+    is not UTF-8 or has another number of fields than the header (None if none does; lines
+    with quotes are not counted, a quoted field may hold a separator or a line break).
+    Reads the whole file, so only call it once a read has failed."""
+    def fields(text: str) -> int:
+        return len(next(csv.reader([text]), []))
+
+    with Path(path).open("rb") as handle:
+        expected = None
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {number} is not valid UTF-8"
+            if expected is None:
+                expected = fields(text)
+            elif text.strip() and '"' not in text and fields(text) != expected:
+                return f"line {number} has {fields(text)} fields, the header has {expected}"
+    return None
 
 
 def error_summary(exc: BaseException) -> str:

@@ -45,7 +45,8 @@ from features.vocab import Vocabulary
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 INTERACTION_LABELS: tuple[str, ...] = ("like", "follow", "share", "comment", "gift")
 SORT_KEY: tuple[str, ...] = ("ts", "event_id")
-"""Row order of every examples file (``event_id`` is unique in the lake, so it is total)."""
+"""Row order of every examples file, a total one: ingestion drops the copies of an event
+(same ``event_id`` and ``ts``), so no two lake rows share both."""
 RECORDED_CONFIG: tuple[str, ...] = ("history_length", "valid_days", "test_days")
 """The FeatureConfig fields that decide the examples; ``schema.json`` records these only."""
 PARTS_DIR = ".parts"

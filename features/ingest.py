@@ -34,15 +34,18 @@ Leftovers. Readers never see staging: :mod:`features.lake` reads only
 directory. A process killed before or during the merges leaves its staging directory behind;
 the next :func:`stage_input` into the same lake removes every ``lake_dir/.tmp-*`` entry (and
 ``.tmp-*`` entries in the quarantine directory of its source) before staging anything. That
-is safe because a lake has one writer at a time (there is no lock): never run two ingests
-into the same lake at once. A kill *during* :func:`publish` (a few renames) can leave part of
-that ingest published; ingesting the same input again completes it (the published rows then
-count as duplicates in the lake).
+is safe because a lake has one writer at a time: :func:`ingest` holds the lake's writer lock
+(:func:`features.lake.writer_lock`) from staging to publish, and a second ingest stops with
+LakeBusyError (callers of the three passes one by one must hold it themselves). A kill
+*during* :func:`publish` (a few renames) can leave part of that ingest published; ingesting
+the same input again completes it (the published rows then count as duplicates in the
+lake).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import logging
 import os
@@ -66,6 +69,7 @@ from features.adapters import (
     InputFile,
     adapter_for,
     error_summary,
+    locate_csv_problem,
     resolve_inputs,
 )
 from features.contract import EVENT_COLUMNS, EVENT_SCHEMA, QUARANTINE_REASON
@@ -276,17 +280,27 @@ def ingest(
             in that order, e.g. as Prefect mapped tasks (``flows.partitions``); None: one
             after the other, here.
 
+    Holds the lake's writer lock (``features.lake.writer_lock``) from staging to publish.
+
     Raises:
         IngestError: the input is missing or not what ``source`` says (before any write).
+        LakeBusyError: another ingest is writing this lake.
     """
-    staged = stage_input(source, input_path, lake_dir, quarantine_dir, config=config)
+    created = not Path(lake_dir).exists()
     try:
-        merges = (merge_all(staged, staged.days) if merge_all is not None
-                  else [merge_partition(staged, day) for day in staged.days])
+        with lake.writer_lock(Path(lake_dir)):
+            staged = stage_input(source, input_path, lake_dir, quarantine_dir, config=config)
+            try:
+                merges = (merge_all(staged, staged.days) if merge_all is not None
+                          else [merge_partition(staged, day) for day in staged.days])
+            except BaseException:
+                discard(staged)
+                raise
+            report = publish(staged, merges)
     except BaseException:
-        discard(staged)
+        if created and Path(lake_dir).is_dir() and not any(Path(lake_dir).iterdir()):
+            Path(lake_dir).rmdir()  # a first ingest that failed leaves no lake behind
         raise
-    report = publish(staged, merges)
     log.info("ingest %s: %s", report.input_path, report.to_dict())
     return report
 
@@ -314,7 +328,7 @@ def stage_input(
     adapter = adapter_for(source)
     input_path, lake_dir = Path(input_path), Path(lake_dir)
     files, notes = resolve_inputs(adapter, input_path)
-    quarantine_path = Path(quarantine_dir) / adapter.source / f"{input_path.stem}.parquet"
+    quarantine_path = Path(quarantine_dir) / adapter.source / quarantine_name(input_path)
     created = not lake_dir.exists()
     lake_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(lake_dir, quarantine_path.parent)
@@ -403,8 +417,10 @@ def _stage_slice(
             ),
         ], engine="streaming")
     except pl.exceptions.PolarsError as exc:
+        where = locate_csv_problem(file.path) if file.format == "csv" else None
         raise IngestError(
-            f"{file.path}: unreadable {file.format} file: {error_summary(exc)}"
+            f"{file.path}: unreadable {file.format} file"
+            f"{f' ({where})' if where else ''}: {error_summary(exc)}"
         ) from exc
     clean_rows = 0
     for written in (p for args in sunk for p in args.paths):
@@ -466,6 +482,14 @@ def _by_date(base: Path) -> pl.PartitionBy:
 
 def _day_of(path: Path) -> date:
     return date.fromisoformat(path.parent.name.removeprefix("date="))
+
+
+def quarantine_name(input_path: Path) -> str:
+    """``<input stem>-<8 hex of its absolute path>.parquet``: one file per input, the same one
+    when that input is ingested again (idempotent), never another input's (two days' logs
+    both called ``events.csv`` keep their own rejected rows)."""
+    where = hashlib.sha256(str(Path(input_path).resolve()).encode()).hexdigest()[:8]
+    return f"{Path(input_path).stem}-{where}.parquet"
 
 
 def _write_quarantine(adapter: Adapter, rejected: Sequence[Path], path: Path) -> None:

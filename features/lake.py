@@ -8,6 +8,7 @@ sees a partial partition. One writer at a time per lake (there is no lock).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -83,11 +84,23 @@ def scan_events(
 
 
 def read_partition(lake_dir: Path, day: date) -> pl.DataFrame | None:
-    """The events of one partition, or None when it does not exist."""
+    """The events of one partition, or None when it does not exist.
+
+    Raises:
+        LakeError: the file is corrupt or not in the contract (naming it).
+    """
     path = partition_file(lake_dir, day)
     if not path.is_file():
         return None
-    return pl.read_parquet(path).select(EVENT_COLUMNS).cast(EVENT_SCHEMA)  # type: ignore[arg-type]
+    try:
+        return pl.read_parquet(path).select(EVENT_COLUMNS).cast(EVENT_SCHEMA)  # type: ignore[arg-type]
+    except pl.exceptions.PolarsError as error:
+        raise LakeError(f"{path}: this lake partition cannot be read ({error}); restore it "
+                        "from a backup, or delete it and ingest its logs again") from error
+
+
+class LakeError(ValueError):
+    """A lake file that is not a readable partition of the event contract."""
 
 
 def write_events(events: pl.DataFrame, path: Path, *, presorted: bool = False) -> None:
@@ -100,6 +113,30 @@ def write_events(events: pl.DataFrame, path: Path, *, presorted: bool = False) -
     if not presorted:
         frame = frame.sort(SORT_KEY)
     frame.write_parquet(path, compression="zstd", compression_level=1, statistics=True)
+
+
+@contextmanager
+def writer_lock(lake_dir: Path) -> Iterator[None]:
+    """Hold the lake's writer lock (an OS ``flock`` on the lake directory itself, created if
+    needed; released when the process ends, so a killed writer leaves none behind) or raise
+    LakeBusyError. One ingest per lake at a time, whichever workspace or ``--lake`` it comes
+    from: a second one would remove the first one's staging as a leftover."""
+    lake_dir = Path(lake_dir)
+    lake_dir.mkdir(parents=True, exist_ok=True)
+    handle = os.open(lake_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LakeBusyError(f"lake {lake_dir} is being written by another ingest; start "
+                                "again when it has finished") from None
+        yield
+    finally:
+        os.close(handle)  # closing the descriptor releases the lock
+
+
+class LakeBusyError(ValueError):
+    """Another process holds the lake's writer lock."""
 
 
 @contextmanager

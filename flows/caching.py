@@ -5,7 +5,9 @@ under the paths it reads (:class:`ReadsFiles`). A run killed mid-way and started
 the same parameters finds the records of the tasks that completed and skips them (their
 state is ``Cached``: no second training, no second registered version); a task whose inputs
 changed (new logs, a rebuilt lake) runs again, and so does everything downstream of it,
-because its outputs are the next task's inputs.
+because its outputs are the next task's inputs. A task's record is not reused either when
+what it wrote is gone or changed since its last run (:func:`outputs_changed`; its outputs'
+fingerprints are kept in ``prefect/outputs``): it runs again and rebuilds them.
 
 Records and results live in the workspace (``prefect/cache``), so deleting a workspace
 deletes its cache. Content, not modification times, is hashed: a deterministic step rerun
@@ -18,7 +20,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,37 @@ def _file_digest(path: str, inode: int, size: int, mtime_ns: int) -> bytes:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.digest()
+
+
+def outputs_changed(workspace: Workspace, task_name: str, writes: Sequence[Path]) -> bool:
+    """True when a record of ``task_name`` must not be reused: an output in ``writes`` is
+    missing, or is not what the task's last run left there (the fingerprints
+    :func:`record_outputs` wrote), e.g. a lake partition deleted or the examples rebuilt by
+    hand with other settings since. No record of the outputs: True."""
+    if not writes:
+        return False
+    if not all(path.exists() for path in writes):
+        return True
+    try:
+        recorded = json.loads(_outputs_record(workspace, task_name).read_text())
+    except (OSError, ValueError):
+        return True
+    return recorded != [fingerprint(path) for path in writes]
+
+
+def record_outputs(workspace: Workspace, task_name: str, writes: Sequence[Path]) -> None:
+    """Remember the fingerprints of what ``task_name`` left in ``writes`` (atomically)."""
+    if not writes:
+        return
+    record = _outputs_record(workspace, task_name)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(f".{record.name}.partial")
+    partial.write_text(json.dumps([fingerprint(path) for path in writes]))
+    os.replace(partial, record)
+
+
+def _outputs_record(workspace: Workspace, task_name: str) -> Path:
+    return workspace.prefect_home / "outputs" / f"{task_name}.json"
 
 
 def cached(task: Task, workspace: Workspace, reads: PathsRead = reads_nothing,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from flows.allocation_steps import (
     add_train_allocator_arguments,
     cmd_train_allocator,
     print_allocator_summary,
+    share_cap,
 )
 from flows.pretrain_steps import add_pretrain_arguments, cmd_pretrain
 from flows.torchrun import (
@@ -86,8 +88,26 @@ def main(argv: list[str] | None = None) -> int:
               f"{error}", file=sys.stderr)
         return TRAINING_FAILED_EXIT
     if args.json:
-        print(json.dumps(summary, default=str))
+        print(json_line(summary))
     return 0
+
+
+def json_line(summary: dict) -> str:
+    """The ``--json`` line: strict JSON that every parser reads (NaN and infinities, e.g. the
+    AUC of a task without positives, become null; numpy numbers become numbers)."""
+    return json.dumps(_json_safe(summary), allow_nan=False, default=str)
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if type(value).__module__ == "numpy":  # scalars and arrays
+        return _json_safe(value.tolist())  # type: ignore[attr-defined]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def run_command(args: argparse.Namespace, workspace: Workspace) -> dict:
@@ -138,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train-ranker", cmd_train_ranker,
                     "train a multi-task ranker on the examples, log and register it in MLflow")
     add_ranker_options(train, with_seed=True)
-    train.add_argument("--batch-size", type=at_least(1), default=512)
+    train.add_argument("--batch-size", type=at_least(2), default=512)
     train.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate")
     train.add_argument("--no-register", action="store_true", help="log the run only")
     train.add_argument("--ground-truth", type=Path, metavar="DIR",
@@ -205,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "simulator world, with true values)")
     ab.add_argument("--eval-users", type=at_least(1),
                     help="allocator: users of the held-out simulator world (default: the log's)")
+    ab.add_argument("--live-share-cap", type=share_cap,
+                    help="allocator: the platform cap the challenger's live share must stay "
+                    "under (default: the held-out world's; with --test, the champion's)")
     ab.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     ab.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ab.add_argument("--dry-run", action="store_true", help="decide and log, never promote")
@@ -279,6 +302,9 @@ def partition_runner(args: argparse.Namespace) -> PartitionRunner | None:
 
 def nightly_parameters(args: argparse.Namespace, workspace: Workspace) -> dict:
     """``add_nightly_options`` arguments as the nightly flow's parameters."""
+    if args.input is None and args.source != "simulator":
+        raise UserError(f"--source {args.source} needs --input (only the simulator makes its "
+                        "own logs)")
     return {
         "home": str(workspace.root), "source": args.source,
         "input_path": str(args.input.resolve()) if args.input else None,
@@ -328,10 +354,17 @@ def cmd_ingest(args: argparse.Namespace, workspace: Workspace) -> dict:
     lake = args.lake or workspace.lake
     quarantine = args.quarantine or workspace.quarantine
     runner = partition_runner(args)
-    report = ingest(args.source, args.input, lake, quarantine,
-                    merge_all=runner.merge_all if runner else None).to_dict()
+    if runner is None:
+        report = ingest(args.source, args.input, lake, quarantine).to_dict()
+    else:
+        from flows.partitions import ingest_flow
+
+        report = ingest_flow(args.source, str(args.input), str(lake), str(quarantine),
+                             runner.kind, runner.address)
     print(f"{report['input_rows']:,} rows: {report['accepted']:,} accepted, "
           f"{report['quarantined']:,} quarantined, {report['duplicates']:,} duplicates")
+    for note in report["notes"]:
+        print(f"recpipe ingest: note: {note}", file=sys.stderr)
     for reason, count in sorted(report["quarantine_reasons"].items()):
         print(f"  quarantined {count:,} × {reason}")
     if report["quarantined"]:
@@ -471,18 +504,22 @@ def cmd_ope(args: argparse.Namespace, workspace: Workspace) -> dict:
 def cmd_ab(args: argparse.Namespace, workspace: Workspace) -> dict:
     from evaluation.ab import GateConfig
     from flows.evaluation_steps import ABJob, ab_step
+    from models.allocators.registry import ALLOCATOR_MODEL_NAME
 
     gates = GateConfig.from_json(args.gates) if args.gates else None
     overrides = {k: v for k, v in (("primary", args.primary),
                                    ("min_improvement", args.min_improvement)) if v is not None}
     if args.n_boot < 20:
         raise UserError(f"--n-boot must be >= 20, got {args.n_boot}")
+    if args.live_share_cap is not None and args.model != ALLOCATOR_MODEL_NAME:
+        raise UserError(f"--live-share-cap applies to {ALLOCATOR_MODEL_NAME} only, not "
+                        f"{args.model}")
     if workspace.tracking_uri.startswith("sqlite:") and not workspace.mlflow_db.exists():
         raise UserError(f"no MLflow store at {workspace.mlflow_db}; train a model first")
     job = ABJob(model_name=args.model, challenger=args.challenger, champion=args.champion,
                 gates=gates, gate_overrides=overrides, n_boot=args.n_boot, seed=args.seed,
                 promote=not args.dry_run, test_path=str(args.test) if args.test else None,
-                eval_users=args.eval_users)
+                eval_users=args.eval_users, live_share_cap=args.live_share_cap)
     summary = ab_step(workspace, job)
     if summary["table"] is not None:
         from evaluation.ab import MetricTable
@@ -495,6 +532,10 @@ def cmd_ab(args: argparse.Namespace, workspace: Workspace) -> dict:
 
 
 def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    CronSchedule(cron=args.cron, timezone=args.timezone)  # ValueError (exit 2) before a server
+    parameters = nightly_parameters(args, workspace)
     api_url = ensure_prefect_server(workspace, args.port)
     os.environ["PREFECT_API_URL"] = api_url
     from prefect.schedules import Cron
@@ -503,11 +544,8 @@ def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
 
     print(f"serving deployment recpipe-nightly/nightly on {api_url} "
           f"with cron {args.cron!r} ({args.timezone}); Ctrl-C stops")
-    nightly.serve(
-        name="nightly",
-        schedules=[Cron(args.cron, timezone=args.timezone)],
-        parameters=nightly_parameters(args, workspace),
-    )
+    nightly.serve(name="nightly", schedules=[Cron(args.cron, timezone=args.timezone)],
+                  parameters=parameters)
     return {"api_url": api_url, "cron": args.cron, "timezone": args.timezone}
 
 

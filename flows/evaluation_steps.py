@@ -38,6 +38,10 @@ class ABJob:
     test.parquet``), an allocation log for allocators (default: a held-out simulator run)."""
     eval_users: int | None = None
     """Allocators: users of the held-out simulator world (default: the training log's)."""
+    live_share_cap: float | None = None
+    """Allocators: the platform's live-share cap the challenger must stay under (default:
+    the held-out simulator world's; with ``test_path``, the cap the champion was trained
+    under). Never the challenger's own: a challenger cannot set its own limit."""
 
 
 def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
@@ -45,13 +49,22 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
     promote on pass. Rankers are compared on the held-out example split, allocators
     (``recpipe-allocator``) on a held-out allocation log (see ``allocator_comparison``).
     Returns a JSON-able summary with ``status`` (promoted | kept-champion | same-version |
-    evaluated), the decision and a markdown report."""
+    evaluated: the gates passed but nothing moved, because promotion was not requested or
+    the champion compared with is no longer the one holding the alias), the decision and a
+    markdown report."""
     import mlflow
 
     from evaluation.ab import decision_markdown, evaluate_gates, same_version_decision
     from evaluation.ab_mlflow import EVALUATION_EXPERIMENT, log_ab_run
     from models.allocators.registry import ALLOCATOR_MODEL_NAME
-    from models.registry import ensure_experiment, promote, record_evaluation, resolve_version
+    from models.registry import (
+        CHAMPION,
+        alias_version,
+        ensure_experiment,
+        promote,
+        record_evaluation,
+        resolve_version,
+    )
 
     mlflow.set_tracking_uri(workspace.tracking_uri)
     name = job.model_name
@@ -79,8 +92,13 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
     run_id = log_ab_run(experiment_id, name, champion, challenger, table, decision, gates,
                         extra_params={**extra_params, "seed": job.seed}, per_model=per_model)
     record_evaluation(name, challenger, run_id, decision.status)
-    promotion = None
-    if decision.promote and job.promote:
+    promotion, message = None, decision.summary
+    current = alias_version(name, CHAMPION)
+    if decision.promote and job.promote and current != champion:
+        status = "evaluated"  # it beat v{champion}, which is not the champion it would replace
+        message = (f"{decision.summary}; not promoted: compared with v{champion}, but the "
+                   f"champion is {'none' if current is None else f'v{current}'}")
+    elif decision.promote and job.promote:
         promotion = promote(name, challenger, run_id, decision.summary)
         status = "promoted"
     elif decision.promote:
@@ -89,7 +107,7 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
         status = "kept-champion"
     return {**base, "status": status, "decision": decision.to_dict(), "run_id": run_id,
             "experiment_id": experiment_id, "promotion": promotion, "table": table.to_dict(),
-            "message": decision.summary,
+            "message": message,
             "markdown": decision_markdown(title, table, decision, run_id)}
 
 
@@ -162,7 +180,7 @@ def allocator_comparison(workspace: Workspace, job: ABJob,
     if job.test_path:
         source = Path(job.test_path)
         frame = read_allocation_log(source)
-        cap = policies["challenger"].config.live_share_cap
+        cap = policies["champion"].config.live_share_cap
     else:
         from simulation.simulator import simulate
 
@@ -176,6 +194,7 @@ def allocator_comparison(workspace: Workspace, job: ABJob,
         true_values = {role: true_value(policy, [world]) for role, policy in policies.items()}
         cap = world.live_share_cap
         policies = {role: p.with_id_features(False) for role, p in policies.items()}
+    cap = cap if job.live_share_cap is None else job.live_share_cap
     config = OPEConfig(n_boot=job.n_boot, seed=job.seed)
     table = allocator_metric_table(frame, policies["champion"], policies["challenger"], config,
                                    true_values, info={"log": str(source)})

@@ -12,17 +12,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import Task, flow, get_run_logger, runtime, task
+from prefect import State, Task, flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
 from features import lake
 from flows import allocation_steps, evaluation_steps, steps
-from flows.caching import PathsRead, cached, reads_nothing
+from flows.caching import (
+    PathsRead,
+    cached,
+    outputs_changed,
+    reads_nothing,
+    record_outputs,
+)
 from flows.partitions import PartitionRunner
 from flows.pretrain_steps import EMBEDDINGS_DIR, pretrain_step
 from flows.workspace import Workspace
 
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+
+def retry_unless_bad_input(task: Task, task_run: object, state: State) -> bool:
+    """Retry what may pass next time (a file system hiccup), not bad input: a ValueError
+    (IngestError, FeatureBuildError, a bad config) fails the same way three times."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001 (anything else may be transient)
+        return True
+    return True
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_bad_input}
 
 
 @task(name="simulate", **IO_RETRIES)
@@ -145,11 +164,13 @@ def nightly(
         def run(task: Task, reads: PathsRead, *args: object, writes: tuple[Path, ...] = ()
                 ) -> dict:
             """``task`` cached on what it reads; rerun (its record replaced) when ``fresh``
-            or when an output a reused record would rely on is gone (deleted since)."""
-            rerun = fresh or not all(path.exists() for path in writes)
+            or when an output a reused record would rely on is gone or changed since."""
+            rerun = fresh or outputs_changed(workspace, task.name, writes)
             state = cached(task, workspace, reads, rerun)(*args, return_state=True)
             states[task.name] = state.name
-            return state.result()
+            result = state.result()
+            record_outputs(workspace, task.name, writes)
+            return result
 
         root = str(workspace.root)
         if input_path is None:

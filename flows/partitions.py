@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
-from prefect import task
+from prefect import flow, task
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from features.ingest import PartitionMerge, StagedIngest, merge_partition
+from features.ingest import PartitionMerge, StagedIngest, ingest, merge_partition
 
 RUNNERS = ("threads", "dask")
 
@@ -71,3 +72,14 @@ class PartitionRunner:
             futures = runner.map(merge_partition_task,
                                  {"staged": unmapped(staged), "day": list(days)})
             return [future.result() for future in futures]
+
+
+@flow(name="recpipe-ingest")
+def ingest_flow(source: str, input_path: str, lake_dir: str, quarantine_dir: str,
+                runner: str = "threads", address: str | None = None) -> dict:
+    """``recpipe ingest --runner``: one flow run whose ``merge-partition`` tasks are mapped on
+    ``runner``. Outside a flow, every worker thread would start its own temporary Prefect
+    server against the same database; the flow starts one before any of them."""
+    merges = PartitionRunner(runner, address).merge_all
+    return ingest(source, Path(input_path), Path(lake_dir), Path(quarantine_dir),
+                  merge_all=merges).to_dict()

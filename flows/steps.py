@@ -39,7 +39,8 @@ class SimulateParams:
 
 
 def simulate_step(out_dir: Path, params: SimulateParams) -> dict:
-    """Simulate ``params`` and write the simulator export to ``out_dir`` (replaced)."""
+    """Simulate ``params`` and write the simulator export to ``out_dir`` (a previous simulator
+    output there is replaced; any other non-empty folder is refused: FileExistsError)."""
     from simulation.config import SimulatorConfig
     from simulation.export import write_simulation
     from simulation.simulator import simulate

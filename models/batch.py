@@ -125,12 +125,24 @@ class ExampleArrays:
     def batches(
         self, batch_size: int, shuffle: bool = False, seed: int = 0
     ) -> Iterator[RankerBatch]:
-        """Mini-batches over all rows; shuffled reproducibly when ``shuffle``."""
+        """Mini-batches over all rows; shuffled reproducibly when ``shuffle``. A last batch
+        of one row joins the one before it: batch-normalised experts cannot train on one row."""
         order = np.arange(len(self))
         if shuffle:
             np.random.default_rng(seed).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield self.batch(order[start:start + batch_size])
+        starts = self._batch_starts(batch_size)
+        for start, end in zip(starts, [*starts[1:], len(order)], strict=True):
+            yield self.batch(order[start:end])
+
+    def n_batches(self, batch_size: int) -> int:
+        """How many batches :meth:`batches` yields."""
+        return len(self._batch_starts(batch_size))
+
+    def _batch_starts(self, batch_size: int) -> list[int]:
+        starts = list(range(0, len(self), batch_size))
+        if len(starts) > 1 and len(self) - starts[-1] == 1:
+            starts.pop()
+        return starts
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ Two ways to weight the tasks (``TrainConfig.loss_weighting``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -47,6 +48,9 @@ class MultiTaskLoss(nn.Module):
         if unknown:
             raise ValueError(f"task weights for unknown tasks {sorted(unknown)}; "
                              f"tasks are {[task.name for task in tasks]}")
+        bad = {name: w for name, w in given.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ValueError(f"task weights must be finite and >= 0, got {bad}")
         self.weighting = weighting
         self.task_names = [task.name for task in tasks]
         self.register_buffer("binary", torch.tensor([task.kind == "binary" for task in tasks]))

@@ -20,10 +20,14 @@ import pandas as pd
 import polars as pl
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import DataType
+from mlflow.types.schema import AnyType, ColSpec, Schema
 from torch import nn
 
 from features.encode import encode_examples
+from features.raw_rows import normalize_rows
 from features.schema import RAW_INPUT_COLUMNS, ExampleSchema
 from features.vocab import Vocabulary
 from models.batch import ExampleArrays
@@ -34,6 +38,9 @@ from models.training import predict_outputs
 RANKER_MODEL_NAME = "recpipe-ranker"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+"""MLflow error codes that mean "no such model, version or alias" (any other error, e.g. a
+registry that is briefly unreachable, is raised: it must not read as "no champion yet")."""
 RUNTIME_PACKAGES = ("torch", "torchrec", "fbgemm-gpu-cpu", "polars", "pyarrow", "mlflow", "numpy")
 
 
@@ -112,21 +119,26 @@ class RankerPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def raw_rows_from_pandas(frame: pd.DataFrame) -> pl.DataFrame:
-    """Pandas rows (MLflow's pyfunc input) → raw Polars rows with contract dtypes: ``ts`` as
-    UTC (naive values are taken as UTC, strings parsed as ISO 8601), ids as Int64."""
-    rows = pl.from_pandas(frame)
-    ts = rows.schema["ts"]
-    if ts == pl.String:
-        parsed = pl.col("ts").str.to_datetime(time_zone="UTC")
-    elif isinstance(ts, pl.Datetime) and ts.time_zone is None:
-        parsed = pl.col("ts").dt.replace_time_zone("UTC")
-    else:
-        parsed = pl.col("ts").dt.convert_time_zone("UTC")
-    return rows.with_columns(
-        parsed.dt.cast_time_unit("us"),
-        pl.col("user_id", "item_id", "author_id", "position").cast(pl.Int64),
-        pl.col("duration_s").cast(pl.Float64),
-    )
+    """Pandas rows (MLflow's pyfunc input) → raw Polars rows, checked and cast exactly as
+    ``recpipe score`` reads a file (``features.raw_rows.normalize_rows``: naive ``ts`` is
+    UTC, optional columns default, nulls allowed where a request allows them).
+
+    Raises:
+        RowsError: naming the column and the first bad row.
+    """
+    return normalize_rows(pl.from_pandas(frame), "pyfunc input").select(RAW_INPUT_COLUMNS)
+
+
+def ranker_signature(schema: ExampleSchema) -> ModelSignature:
+    """The pyfunc's signature: the required raw columns typed, the optional ones ``any``
+    (present or not, with nulls or not: ``normalize_rows`` checks and casts them, since
+    MLflow's own enforcement refuses a null id or a whole-number ``duration_s``); one float
+    output per task."""
+    typed = {"user_id": DataType.long, "item_id": DataType.long, "ts": DataType.datetime}
+    inputs = [ColSpec(typed[name], name) if name in typed
+              else ColSpec(AnyType(), name, required=False) for name in RAW_INPUT_COLUMNS]
+    outputs = [ColSpec(DataType.float, task.name) for task in schema.tasks]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
 def pandas_input_example(raw: pl.DataFrame) -> pd.DataFrame:
@@ -140,7 +152,7 @@ def pandas_input_example(raw: pl.DataFrame) -> pd.DataFrame:
 
 def log_ranker(ranker: LoadedRanker, example_rows: pl.DataFrame) -> str:
     """Log ``ranker`` into the active run as ``ranker``, with a few raw ``example_rows`` as
-    input example (its signature is inferred from them); returns the model URI."""
+    input example and ``ranker_signature``; returns the model URI."""
     with tempfile.TemporaryDirectory() as tmp:
         ranker.save(Path(tmp))
         info = mlflow.pyfunc.log_model(
@@ -148,6 +160,7 @@ def log_ranker(ranker: LoadedRanker, example_rows: pl.DataFrame) -> str:
             python_model=str(Path(__file__).with_name("pyfunc_ranker.py")),
             artifacts={"ranker": tmp},
             pip_requirements=runtime_requirements(),
+            signature=ranker_signature(ranker.schema),
             input_example=pandas_input_example(example_rows),
         )
     return info.model_uri
@@ -176,13 +189,24 @@ def alias_version(name: str, alias: str) -> int | None:
     """The version number behind ``name@alias``, or None if the alias does not exist."""
     try:
         return int(MlflowClient().get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if error.error_code in MISSING_CODES:
+            return None
+        raise
+
+
+def load_pyfunc(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """``mlflow.pyfunc.load_model`` through a download folder that is removed again: our
+    pyfuncs hold everything in memory once loaded, and MLflow's own temporary folder would
+    stay behind on every load from a tracking server (a poll retrying a broken version
+    would fill the disk)."""
+    with tempfile.TemporaryDirectory(prefix="recpipe-model-") as download:
+        return mlflow.pyfunc.load_model(model_uri, dst_path=download)
 
 
 def load_ranker(model_uri: str) -> LoadedRanker:
     """Rebuild a logged ranker from ``models:/name@alias`` (or any model URI)."""
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().ranker
+    return load_pyfunc(model_uri).unwrap_python_model().ranker
 
 
 PREVIOUS_CHAMPION = "previous-champion"
@@ -196,8 +220,10 @@ def resolve_version(name: str, ref: str | int) -> int | None:
     if digits.isdigit():
         try:
             MlflowClient().get_model_version(name, digits)
-        except MlflowException:
-            return None
+        except MlflowException as error:
+            if error.error_code in MISSING_CODES:
+                return None
+            raise
         return int(digits)
     return alias_version(name, text)
 

@@ -65,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.batch_size < 2:  # HoME's batch-normalised experts cannot train on one row
+            raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,7 +110,7 @@ def fit(
         steps = 0
         seed = config.seed + epoch + (0 if rank is None else 1_000_003 * rank.rank)
         batches = train.batches(batch_size, shuffle=config.shuffle, seed=seed)  # own order
-        n_batches = math.ceil(len(train) / batch_size)
+        n_batches = train.n_batches(batch_size)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not show, leave=False, mininterval=1.0)
         for batch in bar:
@@ -151,11 +153,15 @@ def make_optimisers(model: nn.Module, loss_fn: MultiTaskLoss, config: TrainConfi
     ``config.embedding_optimizer`` (one Adam for everything when that is "adam"). Distributed,
     the sharded tables are already optimised inside the backward pass (fused kernel), so only
     the dense Adam is returned."""
+    extra = list(loss_fn.parameters())
+
     def adam(params: list) -> torch.optim.Optimizer:  # fused: one kernel for all (CPU too)
-        return torch.optim.Adam(params, lr=config.learning_rate,
+        groups = [{"params": [p for p in params if all(p is not e for e in extra)]}]
+        if extra:  # decay would pull the uncertainty log-variances (task weights) to 0
+            groups.append({"params": extra, "weight_decay": 0.0})
+        return torch.optim.Adam(groups, lr=config.learning_rate,
                                 weight_decay=config.weight_decay, fused=True)
 
-    extra = list(loss_fn.parameters())
     if distributed:
         return [adam([*dense_parameters(model), *extra])]
     if config.embedding_optimizer == "adam":

@@ -26,7 +26,7 @@ import torch
 from features.schema import SEQUENCE_BEHAVIOR_FEATURE, SEQUENCE_ITEM_FEATURE, ExampleSchema
 from features.vocab import Vocabulary
 from models.pretraining import ITEMS_COLUMN, PretrainConfig, UserSequences, embed
-from models.registry import CHAMPION, register, runtime_requirements
+from models.registry import CHAMPION, load_pyfunc, register, runtime_requirements
 from models.user_encoders.adapter import PretrainedUserEncoder
 from models.user_encoders.encoder import TransformerUserEncoder, UserEncoderConfig
 
@@ -133,7 +133,7 @@ def register_user_encoder(model_uri: str, run_id: str) -> dict:
 
 def load_user_encoder(model_uri: str = CHAMPION_URI) -> LoadedUserEncoder:
     """Rebuild a logged user encoder from ``models:/name@alias`` (or any model URI)."""
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().loaded
+    return load_pyfunc(model_uri).unwrap_python_model().loaded
 
 
 def load_pretrained_user_encoder(

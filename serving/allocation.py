@@ -15,12 +15,20 @@ session field of the same name). Session fields carry the rest of the allocator'
 its names (``simulation.allocation.AllocationState``, ``models.allocators.data.STATE_FIELDS``):
 ``activity_group``, ``request_index``, ``lives_inserted_in_session``,
 ``session_watch_time_s``, ``recent_click_rate``, ``past_live_impressions``,
-``past_live_watch_per_impression``, ``past_video_watch_per_impression``,
-``candidate_popularity``.
+``past_live_watch_per_impression``, ``past_video_watch_per_impression``. What describes one
+candidate (``candidate_popularity``) comes with that candidate, in its ``features``, as
+``candidate_<name>`` (the server picks which live candidate to ask about, so the client
+cannot put it in the session); a session field of the same name is the fallback.
+
+Before ``predict``, every column is cast to the type the allocator's signature asks for
+(JSON has one number type: ``240`` and ``2.0`` are both fine), and an unknown author (null)
+becomes ``UNKNOWN_ID``, which the allocators map to their unseen-id row; a value that is not
+a number of that kind makes the allocation unavailable with a reason naming the field.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +38,11 @@ import numpy as np
 import pandas as pd
 
 INSERT_THRESHOLD = 0.5
+UNKNOWN_ID = -1
+"""The id sent for a candidate without an author: no allocator has seen it."""
+_NUMPY_TYPES = {"long": np.int64, "integer": np.int32, "double": np.float64,
+                "float": np.float32}
+"""MLflow signature type → what a state column is cast to (others are left as they are)."""
 
 
 @dataclass(frozen=True)
@@ -39,18 +52,21 @@ class LoadedAllocator:
     name: str
     version: int
     predict: Callable[[pd.DataFrame], Any]
-    input_columns: tuple[str, ...] | None = None
-    """Columns its signature asks for (None: no signature)."""
+    input_types: Mapping[str, str] | None = None
+    """Column → MLflow type name its signature asks for (None: no signature)."""
 
 
 def load_allocator(name: str, version: int) -> LoadedAllocator:
     """Load ``models:/<name>/<version>`` as a pyfunc."""
-    import mlflow
+    from models.registry import load_pyfunc
 
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    model = load_pyfunc(f"models:/{name}/{version}")
     schema = model.metadata.get_input_schema()
-    columns = tuple(schema.input_names()) if schema is not None else None
-    return LoadedAllocator(name, version, model.predict, columns)
+    types = None
+    if schema is not None:
+        types = {column: kind.name for column, kind in
+                 zip(schema.input_names(), schema.input_types(), strict=True)}
+    return LoadedAllocator(name, version, model.predict, types)
 
 
 def unavailable(reason: str) -> dict:
@@ -61,16 +77,19 @@ def unavailable(reason: str) -> dict:
 def allocation_state(
     user_id: int, ts: datetime, n_candidates: int, candidate: Mapping[str, Any],
     score: float, task_scores: Mapping[str, float], session: Mapping[str, float],
+    candidate_features: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """The one-row state frame described in the module docstring."""
+    author = candidate["author_id"]
     row: dict[str, Any] = {
-        **dict(session),  # ints stay ints (an allocator signature may ask for longs)
+        **dict(session),
+        **{f"candidate_{name}": value for name, value in (candidate_features or {}).items()},
         "user_id": int(user_id),
         "ts": pd.Timestamp(ts).tz_convert("UTC").tz_localize(None),
         "hour": int(ts.hour),
         "n_candidates": int(n_candidates),
         "candidate_item_id": int(candidate["item_id"]),
-        "candidate_author_id": candidate["author_id"],
+        "candidate_author_id": UNKNOWN_ID if author is None else int(author),
         "candidate_duration_s": candidate["duration_s"],
         "candidate_score": float(score),
         **{f"candidate_score_{task}": float(value) for task, value in task_scores.items()},
@@ -83,6 +102,10 @@ def decide(allocator: LoadedAllocator, state: pd.DataFrame, item_id: int) -> dic
     that fails or answers nonsense makes the allocation unavailable, not the ranking."""
     model = {"name": allocator.name, "version": allocator.version}
     try:
+        state = conform(state, allocator.input_types or {})
+    except ValueError as error:
+        return {**unavailable(str(error)), "model": model}
+    try:
         output = allocator.predict(state)
         probability = _probability(output)
     except Exception as error:  # noqa: BLE001 (a plug-in: any failure is reported, not raised)
@@ -91,6 +114,31 @@ def decide(allocator: LoadedAllocator, state: pd.DataFrame, item_id: int) -> dic
                 "model": model}
     return {"available": True, "insert": bool(probability >= INSERT_THRESHOLD),
             "probability": probability, "item_id": int(item_id), "model": model, "reason": None}
+
+
+def conform(state: pd.DataFrame, types: Mapping[str, str]) -> pd.DataFrame:
+    """The one-row ``state`` with each column the allocator's signature types cast to that
+    type (missing columns are left for the allocator to name).
+
+    Raises:
+        ValueError: naming the field whose value is not a number of its kind.
+    """
+    out = state.copy()
+    for column, kind in types.items():
+        if column not in out.columns or kind not in _NUMPY_TYPES:
+            continue
+        value = out.at[0, column]
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        whole = math.isfinite(number) and number == math.floor(number)
+        if kind in ("long", "integer") and not whole:
+            raise ValueError(f"the allocator needs a whole number for {column}, got {value!r}")
+        if not math.isfinite(number):
+            raise ValueError(f"the allocator needs a finite number for {column}, got {value!r}")
+        out[column] = np.asarray([number], dtype=_NUMPY_TYPES[kind])
+    return out
 
 
 def _probability(output: Any) -> float:

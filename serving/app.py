@@ -111,7 +111,7 @@ def create_app(watcher: ModelWatcher, limits: Limits | None = None, poll: bool =
                       "alias": watcher.alias, "reason": snapshot.allocator_reason}
                      if snapshot.allocator_info is None else
                      {"role": "allocator", "loaded": True, **snapshot.allocator_info.to_dict(),
-                      "input_columns": list(snapshot.allocator.input_columns or [])})
+                      "input_columns": list(snapshot.allocator.input_types or [])})
         return {
             "models": [
                 {"role": "ranker", "loaded": True, **snapshot.ranker.to_dict(),

@@ -1,7 +1,7 @@
 """Batch scoring of files: raw rows in (Parquet/CSV), the same rows out with per-task scores.
 
 The input columns come back unchanged and in order, followed by ``score_<task>`` per task and
-``score`` (the blended score). Rows are checked and cast by ``serving.rows.normalize_rows``,
+``score`` (the blended score). Rows are checked and cast by ``features.raw_rows.normalize_rows``,
 encoded by ``features.encode.encode_examples`` and scored by the same ``Scorer`` as the
 service, in chunks (bounded memory per forward pass, a progress bar). The output is written to
 a temporary file beside it and renamed into place, so it is never half-written.
@@ -17,9 +17,9 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from features.raw_rows import RowsError, normalize_rows, read_rows
 from features.schema import SEQUENCE_ITEM_FEATURE, SPARSE_FEATURES
 from features.vocab import UNKNOWN_INDEX
-from serving.rows import RowsError, normalize_rows, read_rows
 from serving.scorer import Scorer
 
 BLENDED_COLUMN = "score"

@@ -19,16 +19,13 @@ from datetime import UTC, datetime
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from models.registry import CHAMPION, RANKER_MODEL_NAME, LoadedRanker
+from models.registry import CHAMPION, MISSING_CODES, RANKER_MODEL_NAME, LoadedRanker
 from serving.allocation import LoadedAllocator, load_allocator
 from serving.schemas import Candidate, RankRequest
 from serving.scorer import Scorer
 from serving.settings import ALLOCATOR_MODEL_NAME
 
 log = logging.getLogger("recpipe.serving")
-
-MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-
 
 class ModelNotFoundError(ValueError):
     """The alias the service must serve does not exist (a user error: train/register first)."""
@@ -111,8 +108,9 @@ class ModelWatcher:
         self._load_ranker, self._load_allocator = ranker_loader, allocator_loader
         self._current: Snapshot | None = None
         self._allocator_error: str | None = None
-        """Set by ``_build_allocator`` when a new allocator version failed to load and the
-        working one was kept; reported as ``status.last_error`` (``/health``: degraded)."""
+        """Set by ``_build_allocator`` when a registered allocator version failed to load
+        (the working one, if any, is kept); reported as ``status.last_error`` (``/health``:
+        degraded) until a load succeeds."""
         self._lock = threading.Lock()  # one refresh at a time; readers never take it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,7 +134,9 @@ class ModelWatcher:
                 f"{self.tracking_uri}; train and register one first (`recpipe train-ranker`)"
             )
         with self._lock:
+            self._allocator_error = None
             self._current = self._build(None, version)
+            self.status.last_error = self._allocator_error
             self._record("loaded", self._current)
         return self._current
 
@@ -248,6 +248,7 @@ class ModelWatcher:
                 self._allocator_error = (f"{failure}; still serving version "
                                          f"{old.allocator_info.version}")
                 return old.allocator, old.allocator_info, old.allocator_reason
+            self._allocator_error = f"{failure}; serving without an allocator"
             return None, None, failure
         return allocator, self._info(self.allocator_name, version), ""
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from features.contract import ITEM_TYPES
+from features.raw_rows import DEFAULT_ITEM_TYPE
 from features.schema import BEHAVIOR_CODES
 from serving.settings import Limits
 
@@ -56,13 +57,10 @@ Number = Annotated[int | float, PlainValidator(_number)]
 ItemType = Literal[ITEM_TYPES]  # type: ignore[valid-type]  # ("video", "live")
 BehaviorName = Literal[tuple(name for name in BEHAVIOR_CODES if name != "padding")]  # type: ignore[valid-type]
 
+
 def utc(ts: datetime) -> datetime:
     """Naive datetimes are UTC; aware ones are converted to UTC."""
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
-DEFAULT_ITEM_TYPE = "video"
-"""``item_type`` of a candidate that does not say (the feed is mostly short videos)."""
 
 
 class _Strict(BaseModel):
@@ -81,6 +79,9 @@ class Candidate(_Strict):
     position: Annotated[StrictInt, Field(ge=0, le=1_000_000)] | None = None
     """Feed slot the item would be shown at; null counts as 0 (as in training). Leave it out
     to score every candidate position-neutrally."""
+    features: dict[str, Number] = Field(default_factory=dict, max_length=64)
+    """Numeric state of this candidate for the live-stream allocator, sent to it as
+    ``candidate_<name>`` (e.g. ``{"popularity": 0.4}``); ignored by the ranker."""
 
 
 class HistoryEntry(_Strict):

@@ -171,7 +171,7 @@ class Scorer:
             request.user_id, candidate["ts"], len(request.candidates), candidate,
             float(scores[best]), dict(zip(self.task_names, predictions[best].tolist(),
                                           strict=True)),
-            request.context.session,
+            request.context.session, request.candidates[best].features,
         )
         return decide(allocator, state, candidate["item_id"])
 

@@ -65,7 +65,9 @@ def write_simulation(result: SimulationResult, out_dir: str | os.PathLike[str],
     """Write the result's tables and `manifest.json` to `out_dir` atomically.
 
     An existing non-empty `out_dir` holding the same manifest is left as is (idempotent
-    retries); one holding anything else raises FileExistsError unless `overwrite=True`.
+    retries); one holding another simulator output raises FileExistsError unless
+    `overwrite=True`; one holding anything else (no `manifest.json`: not ours) always raises
+    FileExistsError, so no folder of the user's is ever replaced.
 
     Returns:
         The manifest dict (config, policy, files, counts, summary).
@@ -76,8 +78,12 @@ def write_simulation(result: SimulationResult, out_dir: str | os.PathLike[str],
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
-        if _existing_manifest(out) == manifest:
+        existing = _existing_manifest(out)
+        if existing == manifest:
             return manifest
+        if existing is None:
+            raise FileExistsError(f"{out} is not empty and holds no simulator output (no "
+                                  f"{MANIFEST}); refusing to replace it: pick another folder")
         if not overwrite:
             raise FileExistsError(f"{out} is not empty and holds a different output; "
                                   "pass overwrite=True to replace it")

@@ -83,8 +83,12 @@ def free_port() -> int:
 
 
 def run_json(capsys, *argv: str) -> dict:
-    """Run ``recpipe *argv --json`` in-process; it must exit 0. Its JSON summary."""
+    """Run ``recpipe *argv --json`` in-process; it must exit 0. Its JSON summary, read as
+    strictly as other languages' parsers read it (NaN or Infinity fail)."""
     from flows.cli import main
 
+    def not_json(constant: str) -> None:
+        raise AssertionError(f"--json printed {constant}, which is not JSON")
+
     assert main([*argv, *(() if "--json" in argv else ("--json",))]) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=not_json)

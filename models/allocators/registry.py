@@ -22,7 +22,7 @@ from mlflow.models import infer_signature
 
 from models.allocators.data import STATE_FIELDS
 from models.allocators.policy import TrainedPolicy, load_policy
-from models.registry import runtime_requirements
+from models.registry import load_pyfunc, runtime_requirements
 
 ALLOCATOR_MODEL_NAME = "recpipe-allocator"
 PYFUNC_PARAMS = {"id_features": True}
@@ -72,4 +72,4 @@ def log_allocator(policy: TrainedPolicy, example_rows: pl.DataFrame) -> str:
 
 def load_allocator(model_uri: str) -> TrainedPolicy:
     """The policy behind ``models:/recpipe-allocator@champion`` (or any model URI)."""
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().policy
+    return load_pyfunc(model_uri).unwrap_python_model().policy

@@ -48,6 +48,18 @@ class RankerConfig:
     self_gate: bool = True
     """HoME: add each node's self-gated own experts to its masked mixture (residual path)."""
 
+    def __post_init__(self) -> None:
+        if self.n_experts < 1:
+            raise ValueError(f"n_experts must be at least 1, got {self.n_experts}")
+        if not self.expert_hidden:
+            raise ValueError("expert_hidden needs at least one width (the expert output)")
+        for name in ("expert_hidden", "tower_hidden"):
+            if any(width < 1 for width in getattr(self, name)):
+                raise ValueError(f"{name} widths must be positive, got {getattr(self, name)}")
+        for name in ("n_task_experts", "feature_gate_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

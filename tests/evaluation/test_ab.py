@@ -89,6 +89,40 @@ def test_a_better_challenger_shows_a_significant_paired_improvement():
     assert "click/gauc" in table.to_markdown()
 
 
+def test_nan_predictions_on_a_guarded_task_never_pass_the_default_gates():
+    rng, users, signal, labels = ranking_data()
+    tasks = (TaskSpec("click", "binary", "click"), TaskSpec("like", "binary", "like"),
+             TaskSpec("long_view", "binary", "long_view"))
+    labels = np.stack([labels[:, 0]] * 3, axis=1)
+    champion = np.stack([1 / (1 + np.exp(-signal + rng.normal(scale=2.0, size=signal.size)))]
+                        * 3, axis=1)
+    challenger = np.stack([1 / (1 + np.exp(-2 * signal))] * 3, axis=1)  # better everywhere
+    assert evaluate_gates(ranker_metric_table(labels, champion, challenger, users, tasks,
+                                              n_boot=100), GateConfig()).promote
+    challenger[rng.random(signal.size) < 0.3, 1] = np.nan  # the like head breaks
+    table = ranker_metric_table(labels, champion, challenger, users, tasks, n_boot=100)
+    assert all(math.isnan(table.get(f"like/{m}").challenger) for m in ("auc", "gauc"))
+    decision = evaluate_gates(table, GateConfig())
+    assert not decision.promote
+    assert [g.metric for g in decision.gates if not g.passed] == ["like/gauc"]
+
+
+def test_a_task_without_labels_skips_its_guards_and_the_summary_says_so():
+    rng, users, signal, labels = ranking_data()
+    tasks = (TaskSpec("click", "binary", "click"), TaskSpec("like", "binary", "like"))
+    labels = np.stack([labels[:, 0], np.full(signal.size, np.nan)], axis=1)  # like unobserved
+    champion = np.stack([1 / (1 + np.exp(-signal + rng.normal(scale=2.0, size=signal.size)))]
+                        * 2, axis=1)
+    challenger = np.stack([1 / (1 + np.exp(-2 * signal))] * 2, axis=1)
+    table = ranker_metric_table(labels, champion, challenger, users, tasks, n_boot=100)
+    assert table.metrics == ["click/auc", "click/gauc", "click/logloss", "like/auc",
+                             "like/gauc", "like/logloss"]
+    gates = GateConfig(primary="click/gauc", guards=(Guard("like/gauc", 0.01),))
+    decision = evaluate_gates(table, gates)
+    assert decision.promote and decision.gates[1].skipped
+    assert "0 of 1 guards" in decision.summary and "1 guard(s) skipped" in decision.summary
+
+
 def test_gate_primary_must_improve_by_its_interval():
     gates = GateConfig(primary="click/gauc", guards=())
     passing = MetricTable((row("click/gauc", 0.02, 0.005, 0.035),))
@@ -149,6 +183,11 @@ def test_missing_and_unmeasurable_metrics():
                                        math.nan)))
     decision = evaluate_gates(nan_guard, gates)  # neither model measurable: the guard skips
     assert decision.promote and "not measurable" in decision.gates[1].reason
+    broken_champion = MetricTable((row("click/gauc", 0.02, 0.01, 0.03),
+                                   MetricRow("follow/auc", math.nan, 0.7, math.nan, math.nan,
+                                             math.nan)))
+    decision = evaluate_gates(broken_champion, gates)  # nothing to compare with: skipped
+    assert decision.promote and decision.gates[1].skipped and "skipped" in decision.summary
     broken = MetricTable((row("click/gauc", 0.02, 0.01, 0.03),  # NaN predictions, say
                           MetricRow("follow/auc", 0.70, math.nan, math.nan, math.nan, math.nan)))
     decision = evaluate_gates(broken, gates)

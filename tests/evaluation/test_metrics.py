@@ -51,3 +51,12 @@ def test_a_task_without_observed_labels_gets_nan_metrics():
     assert metrics["click"]["auc"] == pytest.approx(1.0)
     assert metrics["gift"]["n"] == 0
     assert all(np.isnan(metrics["gift"][name]) for name in ("auc", "gauc", "logloss"))
+
+
+def test_a_nan_or_infinite_score_makes_auc_and_gauc_nan_not_a_top_score():
+    labels = np.array([1, 0, 1, 0])
+    users = np.array([1, 1, 2, 2])
+    for bad in (np.nan, np.inf):
+        scores = np.array([bad, 0.1, 0.2, 0.3])  # sorted last, NaN would rank positive first
+        assert np.isnan(auc(labels, scores))
+        assert np.isnan(gauc(labels, scores, users))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -204,6 +205,22 @@ def test_several_faults_in_one_row_are_all_named(tmp_path):
     }
 
 
+def test_inputs_with_the_same_name_keep_their_own_quarantine(tmp_path):
+    reports = []
+    for day in ("day1", "day2"):
+        (tmp_path / day).mkdir()
+        frame = events(3).with_columns(event_id=pl.format(f"{day}-{{}}", pl.col("event_id")))
+        frame.with_columns(user_id=pl.Series([1, None, 3])).write_parquet(
+            tmp_path / day / "events.parquet")
+        reports.append(run(tmp_path, "canonical", tmp_path / day / "events.parquet"))
+    first, second = (r.quarantine_path for r in reports)
+    assert first != second and first.name.startswith("events-")
+    for report, day in zip(reports, ("day1", "day2"), strict=True):
+        assert pl.read_parquet(report.quarantine_path)["event_id"].to_list() == [f"{day}-e001"]
+    again = run(tmp_path, "canonical", tmp_path / "day1" / "events.parquet")
+    assert again.quarantine_path == first  # the same input, the same file
+
+
 def test_simulator_rows_must_say_simulator(tmp_path):
     out = tmp_path / "sim-run"
     out.mkdir()
@@ -212,7 +229,8 @@ def test_simulator_rows_must_say_simulator(tmp_path):
     report = run(tmp_path, "simulator", out)
     assert (report.accepted, report.quarantined) == (2, 1)
     assert report.quarantine_reasons == {"source: not 'simulator'": 1}
-    assert report.quarantine_path == tmp_path / "quarantine" / "simulator" / "sim-run.parquet"
+    assert report.quarantine_path.parent == tmp_path / "quarantine" / "simulator"
+    assert report.quarantine_path.name.startswith("sim-run-")
     bad = pl.read_parquet(report.quarantine_path)
     assert bad.get_column("reason").to_list() == ["source: not 'simulator' ('kuairand')"]
     assert bad.get_column("event_id").to_list() == ["e001"], "raw columns as text"
@@ -291,7 +309,7 @@ def test_canonical_directory_of_mixed_files(tmp_path):
     report = run(tmp_path, "canonical", folder)
     assert (report.input_rows, report.accepted) == (6, 6)
     assert report.notes == ("drop: ignored entries ['README.md']",)
-    assert report.quarantine_path.name == "drop.parquet"
+    assert report.quarantine_path.name.startswith("drop-")
 
 
 # --------------------------------------------------------------------------- duplicates
@@ -322,6 +340,20 @@ def test_reingest_is_byte_identical_and_counts_duplicates(tmp_path):
     assert (second.accepted, second.quarantined, second.duplicates) == (0, 1, 8)
     assert second.duplicates_in_lake == 8
     assert second.partitions == ()
+    assert temp_entries(tmp_path / "lake", tmp_path / "quarantine") == []
+
+
+def test_a_corrupt_lake_partition_is_named_and_nothing_changes(tmp_path):
+    from features.lake import LakeError
+
+    csv = canonical_csv(tmp_path / "events.csv", [{}] * 8)
+    run(tmp_path, "canonical", csv)
+    broken = sorted((tmp_path / "lake" / "events").glob("date=*/part-0.parquet"))[0]
+    broken.write_bytes(b"garbage")
+    before = hashes(tmp_path / "lake")
+    with pytest.raises(LakeError, match=f"{broken}: this lake partition cannot be read"):
+        run(tmp_path, "canonical", csv)
+    assert hashes(tmp_path / "lake") == before
     assert temp_entries(tmp_path / "lake", tmp_path / "quarantine") == []
 
 
@@ -478,7 +510,7 @@ def test_report_is_json_ready(tmp_path):
     summary = json.loads(json.dumps(run(tmp_path, "canonical", csv).to_dict()))
     assert summary["partitions"] == ["2022-04-22"]
     assert summary["quarantine_reasons"] == {"click: outside {0,1}": 1}
-    assert summary["quarantine_path"].endswith("quarantine/canonical/e.parquet")
+    assert re.search(r"quarantine/canonical/e-[0-9a-f]{8}\.parquet$", summary["quarantine_path"])
 
 
 def test_scan_events_filters_dates_inclusively(tmp_path):
@@ -493,3 +525,35 @@ def test_scan_events_filters_dates_inclusively(tmp_path):
     assert scan_events(root, end=date(2022, 4, 1)).collect().schema == pl.Schema(EVENT_SCHEMA)
     with pytest.raises(FileNotFoundError):
         scan_events(tmp_path / "no-lake")
+
+
+def test_a_second_ingest_into_a_lake_being_written_stops_and_touches_nothing(tmp_path):
+    """Two workspaces may point at one lake (``--lake``): the second writer must not take
+    the first one's staging for a leftover."""
+    from features.lake import LakeBusyError, writer_lock
+
+    csv = canonical_csv(tmp_path / "events.csv", [{}] * 8)
+    run(tmp_path, "canonical", csv)
+    before = hashes(tmp_path / "lake")
+    with writer_lock(tmp_path / "lake"):  # another process's ingest, as far as flock goes
+        staging = tmp_path / "lake" / ".tmp-ingest-inflight"
+        staging.mkdir()
+        with pytest.raises(LakeBusyError, match="being written by another ingest"):
+            run(tmp_path, "canonical", csv)
+        assert staging.is_dir()
+    assert hashes(tmp_path / "lake") == before
+
+
+def test_an_unreadable_csv_line_is_named(tmp_path):
+    good = canonical_csv(tmp_path / "good.csv", [{}] * 5).read_text().splitlines()
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("\n".join([*good[:3], good[3] + ",extra", *good[4:]]) + "\n")
+    with pytest.raises(IngestError, match=r"ragged.csv: unreadable csv file \(line 4 has"):
+        run(tmp_path, "canonical", ragged)
+    many = canonical_csv(tmp_path / "many.csv", [{}] * 1200).read_text().splitlines()
+    latin = tmp_path / "latin.csv"  # the bad byte after the first 64 KB the sniffing reads
+    latin.write_bytes("\n".join(many[:1100]).encode() + b"\n" + many[1100].encode()[:-1]
+                      + b"\xe9\n")
+    with pytest.raises(IngestError, match=r"line 1101 is not valid UTF-8"):
+        run(tmp_path, "canonical", latin)
+    assert not (tmp_path / "lake").exists()

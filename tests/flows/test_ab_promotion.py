@@ -101,6 +101,16 @@ def test_dry_run_never_promotes(store):
     assert aliases("ab-dry")["champion"] == 1
 
 
+def test_a_win_over_a_version_that_is_not_the_champion_moves_nothing(store):
+    workspace = registered(store, "ab-other")
+    mlflow.register_model(store[1][0], "ab-other")  # v3: not the champion (v1 is)
+    summary = ab_step(workspace, ABJob(model_name="ab-other", challenger="2", champion="3",
+                                       gates=ALWAYS, n_boot=50))
+    assert summary["status"] == "evaluated" and summary["decision"]["promote"]
+    assert summary["promotion"] is None and "the champion is v1" in summary["message"]
+    assert aliases("ab-other")["champion"] == 1
+
+
 def test_recpipe_ab_logs_an_evaluation_run(store, capsys, tmp_path):
     from flows.cli import main
 
@@ -138,3 +148,25 @@ def test_recpipe_ab_user_errors(store, capsys, tmp_path):
     assert "has no challenger" in capsys.readouterr().err
     assert main(["ab", "--home", str(tmp_path / "empty")]) == 2
     assert "no MLflow store" in capsys.readouterr().err
+    assert main(["ab", "--home", str(workspace.root), "--live-share-cap", "0.2"]) == 2
+    assert "applies to recpipe-allocator only" in capsys.readouterr().err
+
+
+def test_a_registry_outage_never_reads_as_no_champion(store, monkeypatch):
+    """A registry that fails (not "no such alias") must stop registration, not hand the
+    new version the champion alias."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from models.registry import register
+
+    registered(store, "ab-outage")
+
+    def unreachable(*_args, **_kwargs):
+        raise MlflowException("registry unreachable", error_code=TEMPORARILY_UNAVAILABLE)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "get_model_version_by_alias", unreachable)
+        with pytest.raises(MlflowException, match="unreachable"):
+            register(store[1][1], "ab-outage")
+    assert aliases("ab-outage")["champion"] == 1

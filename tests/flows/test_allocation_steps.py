@@ -140,6 +140,9 @@ def test_allocator_ab_compares_on_a_held_out_world_and_promotes_only_on_pass(wor
     blocked = ab_step(workspace, ABJob(model_name="recpipe-allocator", gates=capped,
                                        n_boot=50, eval_users=80))
     assert blocked["status"] == "kept-champion" and "exceeds its limit" in blocked["message"]
+    lowered = ab_step(workspace, ABJob(model_name="recpipe-allocator", n_boot=50, eval_users=80,
+                                       live_share_cap=share / 2))  # the default gates' limit
+    assert f"exceeds its limit {share / 2:g}" in lowered["message"]
     allowed = replace(capped, limits=(Limit("live_share", share + 0.01),))
     passed = ab_step(workspace, ABJob(model_name="recpipe-allocator", gates=allowed,
                                       n_boot=50, eval_users=80))

@@ -47,6 +47,34 @@ def test_steps_chain_from_simulation_to_a_registered_ranker(home, tmp_path, caps
                                        "aliases": ["challenger"]}
 
 
+def test_simulate_never_replaces_a_folder_that_is_not_a_simulator_output(home, tmp_path,
+                                                                          capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("important")
+    argv = ["simulate", "--out", str(precious), "--users", "5", "--days", "2"]
+    assert main(argv) == USER_ERROR_EXIT
+    assert "holds no simulator output" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "important"
+
+
+def test_json_is_strict_json_and_ingest_notes_reach_stderr(home, tmp_path, capsys):
+    from flows.cli import json_line
+
+    line = json_line({"auc": float("nan"), "n": [float("inf"), 1.5], "ok": True})
+    assert line == '{"auc": null, "n": [null, 1.5], "ok": true}'
+    import numpy as np
+
+    assert json_line({"x": np.float32(0.5), "v": np.arange(2)}) == '{"x": 0.5, "v": [0, 1]}'
+    raw, drop = tmp_path / "raw", tmp_path / "drop"
+    run_json(capsys, "simulate", "--out", str(raw), "--users", "20", "--days", "2")
+    drop.mkdir()
+    (raw / "events.parquet").rename(drop / "events.parquet")
+    (drop / "README.txt").write_text("not data")
+    assert main(["ingest", "--source", "canonical", "--input", str(drop)]) == 0
+    assert "note: drop: ignored entries ['README.txt']" in capsys.readouterr().err
+
+
 def test_ingest_of_a_file_that_is_not_kuairand_exits_2_naming_it(home, tmp_path, capsys):
     bad = tmp_path / "notes.csv"
     bad.write_text("hello,world\n1,2\n")
@@ -93,6 +121,10 @@ def test_every_command_has_help_and_json(command, capsys):
     (["nightly", "--pretrain-steps", "0"], "--pretrain-steps"),
     (["ab", "--eval-users", "0"], "--eval-users"),
     (["pretrain", "--users-table", "no-such-users.parquet"], "--users-table"),
+    (["schedule", "--cron", "bogus"], "cron"),  # checked before any server starts
+    (["schedule", "--timezone", "Mars/Base"], "timezone"),
+    (["schedule", "--source", "kuairand"], "--input"),
+    (["nightly", "--source", "kuairand"], "--input"),
 ])
 def test_an_option_out_of_range_exits_2_naming_it(home, capsys, argv, named):
     assert main(argv) == USER_ERROR_EXIT

@@ -59,3 +59,14 @@ def test_nightly_flow_registers_a_ranker_that_loads_and_scores(tmp_path):
     log = pl.read_parquet(workspace.raw / "simulator-seed3-users120-days4" / "allocations.parquet")
     decided = allocation.predict(log.head(5).to_pandas())
     assert decided["p_insert"].between(0, 1).all()
+
+
+def test_bad_input_fails_at_once_and_io_errors_are_retried():
+    from prefect.states import Failed
+
+    from features.ingest import IngestError
+    from flows.nightly import IO_RETRIES, retry_unless_bad_input
+
+    assert IO_RETRIES["retries"] > 0
+    assert not retry_unless_bad_input(None, None, Failed(data=IngestError("semicolons")))
+    assert retry_unless_bad_input(None, None, Failed(data=OSError("disk full")))

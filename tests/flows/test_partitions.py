@@ -68,6 +68,12 @@ def test_threads_and_a_dask_cluster_give_the_plain_ingest_lake(harness, log_file
         "quarantine_path": reference["quarantine_path"].replace(str(plain.root),
                                                                 str(threads.root))}
     assert lake_hashes(threads) == lake_hashes(plain)
+    from flows.cli import main  # the command: one flow run, its merges as mapped tasks
+
+    argv = ["ingest", "--home", str(tmp_path / "cli"), "--source", "canonical", "--input",
+            str(log_file), "--runner", "threads"]
+    assert main(argv) == 0
+    assert lake_hashes(Workspace(tmp_path / "cli")) == lake_hashes(plain)
 
     on_dask = Workspace(tmp_path / "dask")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,

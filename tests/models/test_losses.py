@@ -33,6 +33,9 @@ def test_unknown_weights_and_weightings_are_refused():
         MultiTaskLoss(TASKS, {"clik": 1.0})
     with pytest.raises(ValueError, match="unknown loss weighting"):
         MultiTaskLoss(TASKS, weighting="gradnorm")
+    for weight in (-1.0, float("nan"), float("inf")):  # -1 would ascend click's loss
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            MultiTaskLoss(TASKS, {"click": weight})
 
 
 def test_uncertainty_weighting_at_init_and_its_optimum():
@@ -74,3 +77,32 @@ def test_fit_trains_the_uncertainty_parameters(tiny_examples):
     assert loss_fn.log_variance.detach().abs().sum() > 0
     assert set(history[0]) >= {f"weight_{t.name}" for t in schema.tasks}
     assert np.isfinite(list(history[0].values())).all()
+
+
+def test_weight_decay_never_reaches_the_uncertainty_log_variances(tiny_examples):
+    from models.training import make_optimisers
+
+    _, schema, _ = tiny_examples
+    model = build_ranker(schema, RankerConfig(n_experts=2, expert_hidden=(16,)))
+    loss_fn = MultiTaskLoss(schema.tasks, weighting="uncertainty")
+    (adam,) = make_optimisers(model, loss_fn, TrainConfig(weight_decay=0.1))
+    decay = {id(p): group["weight_decay"] for group in adam.param_groups for p in group["params"]}
+    assert decay[id(loss_fn.log_variance)] == 0.0
+    assert {decay[id(p)] for p in model.parameters()} == {0.1}
+
+
+def test_a_last_batch_of_one_row_joins_the_one_before(tiny_examples):
+    """HoME's BatchNorm cannot train on one row: 1 + k * batch rows must still train."""
+    examples, schema, _ = tiny_examples
+    data = ExampleArrays.from_frame(examples, schema)
+    batch_size = len(data) - 1
+    sizes = [len(b.labels) for b in data.batches(batch_size, shuffle=True, seed=0)]
+    assert sizes == [len(data)] and data.n_batches(batch_size) == 1
+    assert sum(len(b.labels) for b in data.batches(4)) == len(data)
+    assert min(len(b.labels) for b in data.batches(4)) >= 2
+    torch.manual_seed(0)
+    model = build_ranker(schema, RankerConfig(arch="home", n_experts=2, expert_hidden=(16,)))
+    config = TrainConfig(epochs=1, batch_size=batch_size, progress=False)
+    history = fit(model, MultiTaskLoss(schema.tasks), data, config,
+                  [t.name for t in schema.tasks])
+    assert np.isfinite(history[0]["loss"])

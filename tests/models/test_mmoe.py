@@ -98,7 +98,7 @@ def test_training_stops_on_nan_loss(arrays):
 
 @pytest.mark.parametrize(("field", "value"), [
     ("epochs", 0), ("batch_size", -5), ("learning_rate", 0.0), ("learning_rate", float("nan")),
-    ("weight_decay", -1.0)])
+    ("weight_decay", -1.0), ("batch_size", 1)])
 def test_train_config_rejects_values_that_would_train_nothing(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})

@@ -118,6 +118,15 @@ def test_config_round_trips_through_json():
     assert again == config
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"n_experts": 0}, "n_experts"), ({"expert_hidden": ()}, "expert_hidden"),
+    ({"expert_hidden": (16, 0)}, "expert_hidden"), ({"tower_hidden": (-1,)}, "tower_hidden"),
+    ({"n_task_experts": -1}, "n_task_experts"), ({"feature_gate_rank": -2}, "feature_gate_rank")])
+def test_config_rejects_an_unbuildable_ranker(change, message):
+    with pytest.raises(ValueError, match=message):
+        RankerConfig(**change)
+
+
 def test_config_from_an_older_dict_takes_defaults_for_new_fields():
     old = {"arch": "mmoe", "inputs": {"embedding_dim": 8, "attention_hidden": 16},
            "n_experts": 3, "expert_hidden": [16], "tower_hidden": [8], "dropout": 0.0}

@@ -85,6 +85,25 @@ def test_minimal_file_scores_like_the_minimal_request(store, client, tmp_path, c
     np.testing.assert_array_equal(np.array([by_item[12], by_item[40]], np.float32), from_file)
 
 
+def test_a_null_history_cell_is_an_empty_history(store, tmp_path, capsys):
+    base = {"user_id": [7, 7], "item_id": [12, 40],
+            "ts": ["2026-01-03T09:00:00Z", "2026-01-03T09:00:00Z"]}
+    history = pl.List(pl.Int64)
+    nulls = pl.DataFrame({**base, "hist_item_id": [None, [12]], "hist_behavior": [None, [2]]},
+                         schema_overrides={"hist_item_id": history, "hist_behavior": history})
+    empty = nulls.with_columns(pl.Series("hist_item_id", [[], [12]], history),
+                               pl.Series("hist_behavior", [[], [2]], history))
+    scores = []
+    for name, rows in (("nulls", nulls), ("empty", empty)):
+        rows.write_parquet(tmp_path / f"{name}.parquet")
+        code, _, err = run(capsys, store, "--input", str(tmp_path / f"{name}.parquet"),
+                           "--output", str(tmp_path / f"{name}-scored.parquet"))
+        assert code == 0, err
+        scores.append(pl.read_parquet(tmp_path / f"{name}-scored.parquet")
+                      .select(SCORE_COLUMNS).to_numpy())
+    np.testing.assert_array_equal(*scores)
+
+
 def frame(**columns) -> pl.DataFrame:
     base = {"user_id": [1, 2], "item_id": [3, 4],
             "ts": ["2026-01-03T09:00:00Z", "2026-01-03T10:00:00Z"]}

@@ -255,6 +255,22 @@ def test_allocator_registered_later_is_loaded_and_decides(switching, body):
             assert missing.status_code == 200 and missing.json()["ranked"]
             assert missing.json()["allocation"]["available"] is False
             assert "request_index" in missing.json()["allocation"]["reason"]
+            # JSON numbers of either kind, a candidate's own features, an unknown author
+            loose = {**SESSION, "session_watch_time_s": 240, "activity_group": 2.0}
+            del loose["candidate_popularity"]
+            anonymous = {"item_id": 10, "item_type": "live", "features": {"popularity": 0.7}}
+            cast = client.post("/rank", json={
+                **live, "candidates": [*body["candidates"], anonymous],
+                "context": {**live["context"], "session": loose}}).json()["allocation"]
+            unknown = {**state, "session_watch_time_s": 240.0, "candidate_popularity": 0.7,
+                       "candidate_author_id": -1}
+            expected = float(policy({f: np.array([unknown[f]]) for f in STATE_FIELDS})[0])
+            assert cast["available"] is True, cast["reason"]
+            assert cast["probability"] == pytest.approx(expected, abs=1e-6)
+            half = client.post("/rank", json={**live, "context": {
+                **live["context"], "session": {**SESSION, "activity_group": 1.5}}}).json()
+            assert half["allocation"]["available"] is False and half["ranked"]
+            assert "whole number for activity_group" in half["allocation"]["reason"]
             allocator = client.get("/models").json()["models"][1]
             assert allocator["loaded"] is True and allocator["version"] == version
             # a new allocator version that cannot load never replaces the working one
@@ -267,6 +283,11 @@ def test_allocator_registered_later_is_loaded_and_decides(switching, body):
             health = client.get("/health").json()
             assert health["status"] == "degraded"
             assert f"still serving version {version}" in health["last_error"]
+        restarted = ModelWatcher(store.tracking_uri)  # no working allocator to keep
+        restarted.load()
+        assert restarted.current.allocator is None
+        assert "serving without an allocator" in restarted.status.last_error
+        assert restarted.refresh() is False and restarted.status.last_error
     finally:
         MlflowClient(store.tracking_uri).delete_registered_model("recpipe-allocator")
 

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from features.encode import encode_examples
+from features.raw_rows import normalize_rows
 from features.schema import RAW_INPUT_COLUMNS
 from models.registry import load_ranker
 
@@ -78,3 +79,32 @@ def test_rows_built_from_requests_encode_exactly_like_the_examples(store, exampl
         "hist_item_id_idx", SEQUENCE_BEHAVIOR_FEATURE, *DENSE_FEATURES]
     for name in columns:
         assert encoded.get_column(name).to_list() == expected.get_column(name).to_list(), name
+
+
+def test_the_registered_pyfunc_takes_plain_pandas_rows_like_a_request(store):
+    """What a user hands ``mlflow.pyfunc.load_model(...).predict``: Python ints (int64
+    positions, whole-number durations), a null author, a null history, or only the three
+    required columns; each scores like the same rows typed by the contract."""
+    mlflow.set_tracking_uri(store.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/recpipe-ranker@champion")
+    registered = load_ranker("models:/recpipe-ranker@champion")
+    history = pl.List(pl.Int64)
+    typed = store.splits.test.select(RAW_INPUT_COLUMNS).head(6).with_columns(
+        pl.Series("author_id", [None, 3, 4, None, 5, 6], pl.Int64),
+        pl.Series("duration_s", [30.0, 12.0, 0.0, 7.0, 5.0, 9.0]),
+        pl.Series("hist_item_id", [[], [7], [8, 9], [], [], []], history),
+        pl.Series("hist_behavior", [[], [1], [2, 1], [], [], []], history),
+    )
+    expected = registered.score_raw(typed)
+    plain = typed.with_columns(
+        pl.col("ts").dt.replace_time_zone(None),  # naive UTC, as the signature says
+        pl.col("duration_s").cast(pl.Int64),
+        pl.Series("hist_item_id", [None, [7], [8, 9], [], None, []], history),
+        pl.Series("hist_behavior", [None, [1], [2, 1], [], None, []], history),
+    ).to_pandas()
+    np.testing.assert_allclose(model.predict(plain).to_numpy(), expected, rtol=1e-6)
+    minimal = typed.select("user_id", "item_id", "ts")
+    np.testing.assert_allclose(
+        model.predict(minimal.with_columns(pl.col("ts").dt.replace_time_zone(None))
+                      .to_pandas()).to_numpy(),
+        registered.score_raw(normalize_rows(minimal)), rtol=1e-6)
