@@ -14,7 +14,8 @@ Protocol (deterministic: fixed seeds, one torch thread):
   (inserted lives / requests; the cap is `SimulatorConfig.live_share_cap`), watch time per
   user. 95% intervals by a bootstrap over held-out users, paired across policies (the same
   resampled users for every policy), so the delta to SL-MGAC has its own interval.
-- Hyperparameters were chosen on validation worlds 500-502, never on the evaluation worlds.
+- Hyperparameters were chosen in development runs on other worlds (seeds 500-502), never on
+  the evaluation worlds; that sweep was done by hand and is not part of this script.
 
 Writes (full mode): the section between the allocation markers of benchmarks/README.md (other
 sections are left alone), benchmarks/allocation_pareto.png, benchmarks/allocation_results.json;
@@ -258,12 +259,16 @@ def readme_section(results: dict) -> str:
         "cores; `--quick` for a smoke run). One training log: the simulator's logging policy, "
         f"{w['n_users']} users × {w['days']} days, world seed {w['seed']} "
         f"({results['log_requests']:,} requests). Every learner trained with seeds "
-        f"{', '.join(map(str, p['train_seeds']))} on it, the same reward, discount, features "
-        "and step budget; every policy rolled out on held-out worlds "
+        f"{', '.join(map(str, p['train_seeds']))} on it and the same step budget; the "
+        "learners share the anti-greedy reward, discount and dense state (greedy fits a "
+        "request's watch time, undiscounted, without the exit penalty or the retention bonus; "
+        "only SL-MGAC adds user, author and hour embeddings); every policy rolled out on "
+        "held-out worlds "
         f"{', '.join(map(str, p['eval_seeds']))} (other users; {w['n_users']} users × "
         f"{w['days']} days each). True values from those rollouts; 95% intervals from "
         f"{p['n_bootstrap']} bootstrap resamples of held-out users, paired across policies. "
-        "Hyperparameters were set on validation worlds 500-502, never on these.",
+        "Hyperparameters were chosen in development runs on other worlds (seeds 500-502, by "
+        "hand, not scripted here), never on these.",
         "",
         markdown_table(results),
         "",

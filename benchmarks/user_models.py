@@ -220,7 +220,8 @@ def run_probes(config: BenchConfig, dataset: Dataset, encoders: dict) -> list[di
                 "method": method, "seed": seed, "attribute": attribute,
                 "accuracy": float(accuracy_score(y[test_rows], predicted)),
                 "macro_f1": float(f1_score(y[test_rows], predicted, average="macro")),
-                "majority": float(np.bincount(y[test_rows]).max() / len(test_rows)),
+                # the training users' majority class, scored on the held-out users
+                "majority": float(np.mean(y[test_rows] == np.bincount(y[train_rows]).argmax())),
             })
     log(f"  probes on {len(train_rows)} / {len(test_rows)} users (train / held out)")
     return rows

@@ -33,7 +33,9 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
     "duration_s": pl.Float64(),       # item length in seconds (nullable, >= 0)
     **{name: pl.Int8() for name in BINARY_LABELS},
     "watch_time_s": pl.Float64(),
-    "propensity": pl.Float64(),       # logging probability of this impression, in (0, 1]
+    "propensity": pl.Float64(),       # logging probability of this impression given its
+    # request's candidates, in (0, 1]; the simulator logs the slot's Plackett-Luce probability
+    # for a video and P(insert) of the chosen candidate for a live
     "policy": pl.String(),            # logging policy name (nullable)
     "source": pl.String(),            # simulator / kuairand / canonical
 }

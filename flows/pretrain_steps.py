@@ -181,7 +181,9 @@ def read_all_splits(examples: Path):  # noqa: ANN201 (polars DataFrame, imported
 def write_user_embeddings(path: Path, user_ids, vectors, lengths, method: str,  # noqa: ANN001
                           run_id: str, model_version: int | None) -> Path:
     """Write the table (user_id, embedding, history_length, method, model_version, run_id)
-    to a temporary file beside ``path``, then rename it into place (never half-written)."""
+    to a temporary file beside ``path``, then rename it into place (never half-written).
+    A current table: each user's most recent window of any split, test days included, so
+    not a feature to join to training examples."""
     import polars as pl
 
     frame = pl.DataFrame({

@@ -285,6 +285,11 @@ def pretrain(data: UserSequences, config: PretrainConfig,
     if rank is None and config.method != "none" and len(data) == 0:
         raise ValueError(f"no history window has at least {config.min_length} behaviours; "
                          "nothing to pretrain on")
+    contrastive = any(name != "mip" for name, _ in stages)
+    if rank is None and contrastive and data.n_users < 2:
+        raise ValueError(f"{config.method} contrasts users within a batch, and only "
+                         f"{data.n_users} user has a history window of at least "
+                         f"{config.min_length} behaviours")
     batch_size = config.batch_size // world
     if rank is not None:  # every rank draws the same count: collectives stay in step
         fewest = rank.all_min(data.n_users)

@@ -64,10 +64,11 @@ def write_simulation(result: SimulationResult, out_dir: str | os.PathLike[str],
                      overwrite: bool = False) -> dict[str, Any]:
     """Write the result's tables and `manifest.json` to `out_dir` atomically.
 
-    An existing non-empty `out_dir` holding the same manifest is left as is (idempotent
-    retries); one holding another simulator output raises FileExistsError unless
-    `overwrite=True`; one holding anything else (no `manifest.json`: not ours) always raises
-    FileExistsError, so no folder of the user's is ever replaced.
+    An existing non-empty `out_dir` holding the same manifest and all its tables is left as
+    is (idempotent retries); one holding another (or an incomplete) simulator output raises
+    FileExistsError unless `overwrite=True`; one holding anything else (no `manifest.json`
+    of the simulator's: not ours) always raises FileExistsError, so no folder of the user's
+    is ever replaced.
 
     Returns:
         The manifest dict (config, policy, files, counts, summary).
@@ -79,11 +80,13 @@ def write_simulation(result: SimulationResult, out_dir: str | os.PathLike[str],
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         existing = _existing_manifest(out)
-        if existing == manifest:
+        complete = all((out / file).is_file() for file in TABLES.values())
+        if existing == manifest and complete:
             return manifest
-        if existing is None:
+        if existing is None or existing.get("source") != "simulator":
             raise FileExistsError(f"{out} is not empty and holds no simulator output (no "
-                                  f"{MANIFEST}); refusing to replace it: pick another folder")
+                                  f"simulator {MANIFEST}); refusing to replace it: pick another "
+                                  "folder")
         if not overwrite:
             raise FileExistsError(f"{out} is not empty and holds a different output; "
                                   "pass overwrite=True to replace it")

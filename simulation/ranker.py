@@ -28,10 +28,15 @@ def plackett_luce_top_k(
     top = np.argpartition(-perturbed, k - 1, axis=1)[:, :k]  # (B, k) unordered
     order = np.argsort(-np.take_along_axis(perturbed, top, axis=1), axis=1)
     chosen = np.take_along_axis(top, order, axis=1)  # (B, k)
-    shift = logits.max(axis=1, keepdims=True)  # (B, 1)
-    weights = np.exp(logits - shift)  # (B, C)
-    total = weights.sum(axis=1, keepdims=True)  # (B, 1)
-    w_chosen = np.take_along_axis(weights, chosen, axis=1)  # (B, k)
-    placed_before = np.cumsum(w_chosen, axis=1) - w_chosen  # (B, k)
-    remaining = np.maximum(total - placed_before, w_chosen)  # (B, k), guards rounding
-    return chosen, w_chosen / remaining
+    # In log space, and as sums only: at slot j the remaining mass is the never-placed
+    # candidates' plus the chosen ones' from slot j on (never total - placed, which loses
+    # every digit once the placed weights dominate, and never a weight that underflows).
+    l_chosen = np.take_along_axis(logits, chosen, axis=1)  # (B, k)
+    unplaced = logits.copy()
+    np.put_along_axis(unplaced, chosen, -np.inf, axis=1)
+    peak = unplaced.max(axis=1, keepdims=True)  # (B, 1); -inf when k == C
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):  # log(0) = -inf: nothing left unplaced
+        log_unplaced = peak + np.log(np.exp(unplaced - peak).sum(axis=1, keepdims=True))
+    from_j = np.logaddexp.accumulate(l_chosen[:, ::-1], axis=1)[:, ::-1]  # (B, k)
+    return chosen, np.exp(l_chosen - np.logaddexp(log_unplaced, from_j))

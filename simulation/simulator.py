@@ -163,7 +163,12 @@ class _Run:
 
 def simulate(config: SimulatorConfig,
              allocation_policy: AllocationPolicy | None = None) -> SimulationResult:
-    """Run the simulation; `allocation_policy=None` rolls out `LoggingAllocationPolicy()`."""
+    """Run the simulation; `allocation_policy=None` rolls out `LoggingAllocationPolicy()`.
+
+    Raises:
+        ValueError: the world produced no session at all (too few users or days), so there
+            is nothing to log or summarise.
+    """
     policy = LoggingAllocationPolicy() if allocation_policy is None else allocation_policy
     world = generate_world(config)
     run = _Run(config, world, policy, policy_name(policy), _History.empty(config.n_users),
@@ -172,6 +177,9 @@ def simulate(config: SimulatorConfig,
     active = u0 < np.asarray(config.behaviour.initial_active_prob)[world.activity_group]
     for day in range(config.days):
         active = _simulate_day(run, day, active)
+    if run.log.n_sessions == 0:
+        raise ValueError(f"{config.n_users} users over {config.days} days started no session "
+                         f"(world seed {config.seed}); simulate more users or days")
     return _result(config, world, run.policy_name, run.log)
 
 

@@ -120,7 +120,10 @@ def validate_allocation_frame(frame: pl.DataFrame, where: str = "allocation log"
                                     "lives_inserted_in_session", "session_watch_time_s",
                                     "past_live_impressions")),
         "outcomes of a live that was not inserted": (pl.col("action") == 0) & (
-            (pl.col("live_watch_time_s") > 0) | (pl.col("live_click") > 0)),
+            (pl.col("live_watch_time_s") > 0) | (pl.col("live_click") > 0)
+            | (pl.col("live_follow") > 0) | (pl.col("live_gift") > 0)),
+        "session_end before the session's last request": (pl.col("session_end") == 1) & (
+            pl.col("request_index") < pl.col("request_index").max().over("session_id")),
     }
     for reason, bad in checks.items():
         n_bad = frame.select(bad.sum()).item()

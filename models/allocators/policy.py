@@ -44,7 +44,8 @@ def config_for(algo: str, seed: int = 0, live_share_cap: float = 0.3,
 
     Raises:
         ValueError: for an unknown algorithm, an override that is not a config field, fewer
-            than one step, or a live-share cap outside (0, 1].
+            than one step, a live-share cap outside (0, 1], or (SL-MGAC) a cap margin that
+            leaves no share under the cap.
     """
     if algo == "sl_mgac":
         from models.allocators.sl_mgac import SLMGACConfig as cls
@@ -72,6 +73,9 @@ def config_for(algo: str, seed: int = 0, live_share_cap: float = 0.3,
     if not 0.0 < config.live_share_cap <= 1.0:
         raise ValueError(f"{algo}: live_share_cap must be in (0, 1], got "
                          f"{config.live_share_cap}")
+    if getattr(config, "cap_margin", 0.0) >= config.live_share_cap:  # SL-MGAC's target share
+        raise ValueError(f"{algo}: cap_margin {config.cap_margin} leaves no share under the "
+                         f"live_share_cap {config.live_share_cap}; lower cap_margin")
     return config
 
 

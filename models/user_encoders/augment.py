@@ -75,7 +75,7 @@ def _ceil_share(ratio: float, lengths: torch.Tensor) -> torch.Tensor:
 
 def _clear_padding(items: torch.Tensor, behaviors: torch.Tensor,
                    lengths: torch.Tensor) -> PaddedSequences:
-    valid = torch.arange(items.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+    valid = PaddedSequences(items, behaviors, lengths).valid()  # (B, T)
     return PaddedSequences(items.masked_fill(~valid, 0), behaviors.masked_fill(~valid, 0),
                            lengths)
 

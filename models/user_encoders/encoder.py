@@ -50,7 +50,9 @@ class UserEncoderConfig:
     n_behaviors: int = 5
     """Behaviour codes (``features.schema.BEHAVIOR_CODES``); the mask token is row n_behaviors."""
     max_length: int = 20
-    """T: longest history read; longer ones keep their most recent T behaviours."""
+    """T: longest history read. ``history_kjt`` (what the ranker adapter and pretraining
+    build inputs with) keeps the most recent T behaviours of longer ones; ``forward`` itself
+    expects rows of at most T."""
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "n_layers", "n_heads", "ffn_dim", "max_length"):
@@ -98,7 +100,8 @@ class PaddedSequences:
 
     def valid(self) -> torch.Tensor:
         """(B, T) bool: True on real behaviours."""
-        positions = torch.arange(self.items.shape[1]).unsqueeze(0)  # (1, T)
+        positions = torch.arange(self.items.shape[1], device=self.lengths.device)  # (T,)
+        positions = positions.unsqueeze(0)  # (1, T)
         return positions < self.lengths.unsqueeze(1)
 
     def to_kjt(self) -> KeyedJaggedTensor:
@@ -130,8 +133,9 @@ def history_kjt(
     if lengths.numel() and int(lengths.max()) > max_length:
         ends = torch.cumsum(lengths, 0)  # (B,)
         kept = lengths.clamp(max=max_length)  # (B,)
-        row = torch.repeat_interleave(torch.arange(len(lengths)), kept)
-        offset_in_row = torch.arange(int(kept.sum())) - torch.repeat_interleave(
+        device = lengths.device
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=device), kept)
+        offset_in_row = torch.arange(int(kept.sum()), device=device) - torch.repeat_interleave(
             torch.cumsum(kept, 0) - kept, kept)
         index = ends[row] - kept[row] + offset_in_row
         items, behaviors, lengths = items[index], behaviors[index], kept
@@ -237,7 +241,7 @@ class TransformerUserEncoder(nn.Module):
         if with_item_table:  # the extra row is last: its values are the table
             table = items.values()[-(self.config.n_items + 1):]  # (V, D)
             lengths, x = lengths[:-1], x[:-1]
-        positions = torch.arange(length).unsqueeze(0)  # (1, T)
+        positions = torch.arange(length, device=lengths.device).unsqueeze(0)  # (1, T)
         valid = positions < lengths.unsqueeze(1)  # (B, T)
         recency = (lengths.unsqueeze(1) - 1 - positions).clamp(min=0)  # (B, T) 0 = newest
         x = self.input_dropout(self.input_norm(x + self.positions(recency)))  # (B, T, D)

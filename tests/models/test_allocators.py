@@ -158,6 +158,14 @@ def test_log_contract_names_what_is_wrong(tmp_path, two_sessions):
     ghost = two_sessions.with_columns(live_watch_time_s=pl.lit(3.0))
     with pytest.raises(AllocationLogError, match="not inserted"):
         validate_allocation_frame(ghost)
+    for column in ("live_follow", "live_gift"):  # reward-head targets of a live never shown
+        with pytest.raises(AllocationLogError, match="not inserted"):
+            validate_allocation_frame(two_sessions.with_columns(pl.lit(1).alias(column)))
+    early_end = two_sessions.with_columns(  # b ends at step 0 yet goes on
+        session_end=pl.when((pl.col("session_id") == "b") & (pl.col("request_index") == 0))
+        .then(1).otherwise(pl.col("session_end")))
+    with pytest.raises(AllocationLogError, match="session_end before the session's last"):
+        validate_allocation_frame(early_end)
     two_sessions.write_csv(tmp_path / "canonical.csv")  # a canonical CSV log reads the same
     assert read_allocation_log(tmp_path / "canonical.csv").height == 5
 
@@ -250,6 +258,13 @@ def test_unknown_algorithms_and_hyperparameters_are_refused():
         config_for("ppo")
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         config_for("sl_mgac", overrides={"gamma_typo": 0.9})
+
+
+def test_sl_mgac_refuses_a_cap_its_margin_leaves_nothing_under():
+    with pytest.raises(ValueError, match="cap_margin 0.1 leaves no share"):
+        config_for("sl_mgac", live_share_cap=0.08)
+    assert config_for("sl_mgac", live_share_cap=0.08,
+                      overrides={"cap_margin": 0.02}).live_share_cap == 0.08
 
 
 @pytest.mark.parametrize(("overrides", "cap", "message"), [

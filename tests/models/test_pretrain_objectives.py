@@ -170,6 +170,17 @@ def test_pretraining_is_reproducible_and_logs_diagnostics(sequences, method):
     assert vectors.shape == (len(data), 8) and np.isfinite(vectors).all()
 
 
+def test_contrastive_methods_refuse_a_single_user_and_mip_trains_on_one(sequences):
+    data, schema = sequences
+    one = data.user_ids == data.user_ids[0]
+    single = UserSequences(data.user_ids[one], data.items[one], data.behaviors[one],
+                           data.lengths[one])
+    for method in ("adaptssr", "cl4srec"):
+        with pytest.raises(ValueError, match="only 1 user"):
+            pretrain(single, small_config(method, schema))
+    assert pretrain(single, small_config("mip", schema)).history
+
+
 def test_adaptssr_warm_start_runs_mip_first(sequences):
     data, schema = sequences
     history = pretrain(data, small_config("adaptssr", schema, steps=8)).history

@@ -30,3 +30,12 @@ def test_invalid_configs_are_rejected(changes):
 def test_unknown_behaviour_fields_are_rejected():
     with pytest.raises(ValueError, match="unknown"):
         BehaviourConfig.from_dict({"click_bias": 1.0})
+
+
+def test_a_world_without_a_single_session_is_refused_not_summarised():
+    from simulation.simulator import simulate
+
+    empty = replace(SimulatorConfig(), n_users=1, days=1, seed=7, n_videos=50, n_lives=5,
+                    n_authors=10, candidate_size=20)
+    with pytest.raises(ValueError, match="started no session"):
+        simulate(empty)

@@ -72,11 +72,25 @@ def test_refuses_a_different_nonempty_dir_unless_overwrite(logged, small_config,
     (stranger / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         write_simulation(logged, stranger)
+    (stranger / MANIFEST).write_text('{"name": "my web app"}')  # a manifest, not ours
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds no simulator output"):
+            write_simulation(logged, stranger, overwrite=overwrite)
     assert (stranger / "keep.txt").read_text() == "mine"
     manifest = write_simulation(other, out, overwrite=True)
     assert json.loads((out / MANIFEST).read_text()) == manifest
     assert manifest["config"]["seed"] == small_config.seed + 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "sim"]
+
+
+def test_an_incomplete_output_with_the_same_manifest_is_written_again(logged, tmp_path):
+    out = tmp_path / "sim"
+    write_simulation(logged, out)
+    (out / TABLES["events"]).unlink()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_simulation(logged, out)
+    write_simulation(logged, out, overwrite=True)
+    assert pl.read_parquet(out / TABLES["events"]).height == logged.events.height
 
 
 def test_writes_into_an_existing_empty_dir(logged, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from simulation.ranker import plackett_luce_top_k
 
@@ -40,3 +41,19 @@ def test_propensities_stay_positive_for_peaked_scores():
     scores = rng.normal(0.0, 3.0, (64, 200))
     _, prop = plackett_luce_top_k(scores, 6, 0.5, rng)
     assert np.all((prop > 0) & (prop <= 1))
+
+
+def test_propensities_are_exact_even_when_one_candidate_dominates():
+    """Against the definition, slot by slot: the chosen one's weight over what is left."""
+    rng = np.random.default_rng(3)
+    scores = np.vstack([rng.normal(0.0, 3.0, (16, 12)), [[40.0] + [0.0] * 11]])
+    chosen, prop = plackett_luce_top_k(scores, 4, 0.05, rng)
+    for row in range(len(scores)):
+        logits = scores[row] / 0.05
+        left = list(range(len(logits)))
+        for slot, item in enumerate(chosen[row]):
+            exact = np.exp(logits[item] - np.logaddexp.reduce(logits[left]))
+            assert prop[row, slot] == pytest.approx(exact, rel=1e-9, abs=1e-300)
+            left.remove(item)
+    _, p = plackett_luce_top_k(np.array([[800.0, 0.0, 0.0]]), 2, 1.0, rng)
+    assert p[0, 1] == pytest.approx(0.5)  # the others' weights underflow; still exact
