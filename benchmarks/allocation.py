@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -255,8 +256,9 @@ def readme_section(results: dict) -> str:
         BEGIN,
         "## Live-stream allocation (SL-MGAC vs offline-RL baselines)",
         "",
-        f"`.venv/bin/python benchmarks/allocation.py` ({results['wall_seconds']:.0f} s on 2 "
-        "cores; `--quick` for a smoke run). One training log: the simulator's logging policy, "
+        f"`.venv/bin/python benchmarks/allocation.py` ({results['wall_seconds']:.0f} s on "
+        f"{os.cpu_count()} cores; `--quick` for a smoke run). One training log: the "
+        "simulator's logging policy, "
         f"{w['n_users']} users × {w['days']} days, world seed {w['seed']} "
         f"({results['log_requests']:,} requests). Every learner trained with seeds "
         f"{', '.join(map(str, p['train_seeds']))} on it and the same step budget; the "
@@ -295,8 +297,6 @@ def write_readme(section: str) -> None:
 
 
 def log_mlflow(results: dict, files: list[Path], quick: bool) -> str:
-    import os
-
     import mlflow
 
     from models.registry import ensure_experiment

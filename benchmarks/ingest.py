@@ -128,7 +128,9 @@ def run_pandas(input_path: str, out: str) -> int:
     import pandas as pd
 
     if input_path.endswith(".csv"):
-        frame = pd.read_csv(input_path, dtype=str)
+        # pandas' own type inference (its fast path); a column holding a faulty value is read
+        # as text, and to_numeric below coerces it like the others
+        frame = pd.read_csv(input_path)
         numeric = {c: pd.to_numeric(frame[c], errors="coerce") for c in KUAIRAND_COLUMNS}
         bad = pd.concat([v.isna() for v in numeric.values()], axis=1).any(axis=1)
         for label in ("is_click", "is_like", "long_view"):
@@ -311,6 +313,14 @@ def verdicts(by_size: dict[int, list[dict]]) -> list[str]:
     return lines
 
 
+def shared_note(load: tuple[tuple[float, ...], tuple[float, ...]], cores: int) -> str:
+    """Whether other work shared the machine, from the 1-minute load at both ends."""
+    busiest = max(load[0][0], load[1][0])
+    if busiest >= 0.5 * cores:
+        return f"other work shared these {cores} cores, so wall times are noisy"
+    return "the machine was otherwise quiet"
+
+
 def readme_section(args: argparse.Namespace, by_size: dict[int, list[dict]], info: dict,
                    load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
     tables = []
@@ -324,11 +334,11 @@ def readme_section(args: argparse.Namespace, by_size: dict[int, list[dict]], inf
         f"{args.repeat}`. Machine: {info['cores']} cores ({info['cpu']}), "
         f"{info['memory_gb']:.0f} GB RAM, no GPU; Python {info['python']}, Polars "
         f"{info['polars']}, pandas {info['pandas']}. Load average {load[0][0]:.2f} at the "
-        f"start, {load[1][0]:.2f} at the end: other work shared these two cores throughout, "
-        "so wall times are noisy and ratios matter more than seconds (each contender ran "
-        f"{args.repeat} times, alternating with the others, or once when killed; the fastest "
-        "run is shown, with the highest peak RSS of its runs). CPU s = user + system time of "
-        "the child, all threads; peak RSS = its `VmHWM`.",
+        f"start, {load[1][0]:.2f} at the end ({shared_note(load, info['cores'])}; "
+        "ratios matter more than seconds: each contender ran "
+        f"{args.repeat} time(s), alternating with the others, or once when killed; the "
+        "fastest run is shown, with the highest peak RSS of its runs). CPU s = user + system "
+        "time of the child, all threads; peak RSS = its `VmHWM`.",
         "",
         "Input: events over 17 days, 1% exact duplicates, 0.2% faulty rows; CSV = "
         "KuaiRand-shaped (19 text columns, `--source kuairand`), Parquet = the canonical "
@@ -344,8 +354,9 @@ def readme_section(args: argparse.Namespace, by_size: dict[int, list[dict]], inf
         "",
         *verdicts(by_size),
         "",
-        "Where recpipe's time goes (20M CSV, profiled separately in a quiet minute: stage "
-        "21.4 s / 35.9 CPU s, merges 17.4 s / 32.0 CPU s, floor 24.4 s): the streaming pass "
+        "Where recpipe's time goes (20M CSV, profiled by hand on 2026-12-06, not by this "
+        "script: stage 22.6 s / 38.8 CPU s, merges 17.8 s / 32.3 CPU s, floor 21.7 s / "
+        "39.8 CPU s): the streaming pass "
         "(parse, screen, stage) costs about what the floor does, since the typed parse and "
         "the contract's rules cost about what the floor spends writing text; the per-date "
         "merges are the extra (reading the staged rows back, sorting by (ts, event_id), "
@@ -353,7 +364,8 @@ def readme_section(args: argparse.Namespace, by_size: dict[int, list[dict]], inf
         "that memory stays bounded. The floor does no typed parsing, checking, sorting or "
         "second write. Parquet input is further off than CSV because its floor is cheaper "
         "still (no text to parse) while recpipe's work after parsing is the same. At 2M, "
-        "about 0.7 s of recpipe's time is importing dataframely (and SQLAlchemy with it).",
+        "about 0.7 s of recpipe's time is importing dataframely (and SQLAlchemy with it; "
+        "measured by hand).",
         END,
     ])
 

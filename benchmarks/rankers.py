@@ -494,6 +494,20 @@ def machine(args: argparse.Namespace) -> dict:
             "load_avg_start": os.getloadavg()[0]}
 
 
+def attention_share(sections: dict[str, tuple[list[dict], list[str]]]) -> str:
+    """What share of an MMoE step the target attention costs, per dataset, from the CPU
+    columns of the MMoE rows with and without it."""
+    shares = []
+    for dataset, (rows, _) in sections.items():
+        cpu = {row["contender"]: row["train_cpu_s_per_1k"] for row in rows}
+        if cpu.get("mmoe") and cpu.get("mmoe_meanpool"):
+            shares.append(f"{dataset} {1 - cpu['mmoe_meanpool'] / cpu['mmoe']:.0%}")
+    if not shares:
+        return ""
+    return (f"Target attention over the history costs this share of an MMoE step (CPU s, "
+            f"MMoE with vs without it): {', '.join(shares)}. ")
+
+
 def markdown(sections: dict[str, tuple[list[dict], list[str]]], info: dict,
              args: argparse.Namespace) -> str:
     ranker = default_ranker()
@@ -507,8 +521,10 @@ def markdown(sections: dict[str, tuple[list[dict], list[str]]], info: dict,
         f"{info['torch']}, deepctr-torch {info['deepctr_torch']}; torch threads = "
         f"{args.threads} and `OMP_WAIT_POLICY=PASSIVE` for every contender, each in its own "
         f"process. Load average {info['load_avg_start']:.1f} at the start, "
-        f"{info['load_avg_end']:.1f} at the end: other jobs shared these 2 cores, so wall-clock "
-        "speeds are noisy (best epoch of the fastest seed shown); CPU s / 1k examples is steadier.",
+        f"{info['load_avg_end']:.1f} at the end"
+        + (f": other jobs shared these {info['cores']} cores, so wall-clock speeds are noisy"
+           if max(info['load_avg_start'], info['load_avg_end']) >= 0.5 * info['cores']
+           else "") + " (best epoch of the fastest seed shown); CPU s / 1k examples is steadier.",
         "",
         f"Same for all: embedding dim {ranker['inputs']['embedding_dim']}, experts "
         f"{'-'.join(map(str, ranker['expert_hidden']))} (ReLU; HoME: Swish + BatchNorm), towers "
@@ -534,16 +550,18 @@ def markdown(sections: dict[str, tuple[list[dict], list[str]]], info: dict,
               f"{DEEPCTR_PLE_EXPERTS} per task (ours: {ranker['n_experts']} + "
               f"{ranker['n_task_experts']}).",
               "- DeepCTR starts its output layers at 0, ours at each task's base rate "
-              "(`init_output_bias`). On KuaiRand (70 steps an epoch) DeepCTR is still finding "
-              "the intercept after 2 epochs and ranks below chance on train as well; it "
-              "recovers from the third epoch. Same epochs for everyone, so the table shows it.",
-              "- KuaiRand's test days hold about 40 likes, so like AUC swings by several points "
-              "between seeds; `follow` (8 positives in the whole log) is left out of its means. "
-              "GAUC near or below 0.5 there: random exposures carry little within-user signal "
-              "and most test videos are unseen in training.",
+              "(`init_output_bias`). On KuaiRand (a few dozen steps an epoch) DeepCTR is still "
+              "finding the intercept after 2 epochs and ranks below chance on train as well. "
+              "Same epochs for everyone, so the table shows it.",
+              "- KuaiRand's test days hold a few dozen likes, so like AUC swings by several "
+              "points between seeds; `follow` (a handful of positives in the whole log) is left "
+              "out of its means. GAUC near or below 0.5 there: random exposures carry little "
+              "within-user signal and most test videos are unseen in training.",
+              "- The mean-pooled rows are not exactly DeepCTR's input: DeepCTR concatenates the "
+              "item and the behaviour means (two history vectors), ours adds them into one, "
+              "hence its slightly larger first layers (the params column).",
               "- Speed is wall clock on a shared machine; the CPU-seconds column is the steadier "
-              "cost. With target attention about a third of an MMoE step goes to the attention "
-              "over the history; mean pooling runs the history through one "
+              f"cost. {attention_share(sections)}Mean pooling runs the history through one "
               "EmbeddingBagCollection lookup per table instead."]
     lines.append(END)
     return "\n".join(lines)
@@ -697,8 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         dropped = [c for c in args.contenders if c in DEEPCTR]
         if dropped:
             print(f"deepctr-torch is not installed here ({sys.executable}); skipping "
-                  f"{dropped}. `make bench-env` builds .venv-bench with it.")
+                  f"{dropped}. `make bench-env` builds .venv-bench with it. Without the peer "
+                  "nothing is written to benchmarks/README.md or MLflow.")
             args.contenders = [c for c in args.contenders if c not in DEEPCTR]
+            args.no_readme = args.no_mlflow = True
     if args.render:
         return render(args)
     if args.ablation or args.render_ablation:
