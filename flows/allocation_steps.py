@@ -86,6 +86,12 @@ def true_value(policy: Any, configs: list) -> dict[str, Any]:
     return {**mean, "per_seed": per_seed}
 
 
+def cap_met(true_values: dict[str, Any], cap: float) -> bool:
+    """Every held-out rollout (``true_value``'s ``per_seed``) under the cap: not their mean,
+    one world over the cap is a breach."""
+    return all(one["live_share"] <= cap for one in true_values["per_seed"].values())
+
+
 def train_allocator_step(
     workspace: Workspace,
     algo: str = "sl_mgac",
@@ -189,8 +195,7 @@ def train_allocator_step(
             configs = held_out_configs(manifest, eval_seeds, eval_users)
             values = {"policy": true_value(policy, configs), "logging": true_value(None, configs)}
             delta = {k: values["policy"][k] - values["logging"][k] for k in TRUE_VALUE_METRICS}
-            # every rollout, not their mean: one held-out world over the cap is a breach
-            met = all(one["live_share"] <= cap for one in values["policy"]["per_seed"].values())
+            met = cap_met(values["policy"], cap)
             summary["true_value"] = {**values, "delta": delta, "constraint_met": met,
                                      "eval_seeds": [c.seed for c in configs],
                                      "eval_users": configs[0].n_users,

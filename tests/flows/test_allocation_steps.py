@@ -97,6 +97,15 @@ def test_a_canonical_log_trains_without_true_values(workspace, tmp_path):
     assert "true_value" not in summary and summary["rows"] == log.height
 
 
+def test_the_cap_must_hold_in_every_held_out_rollout_not_on_average():
+    from flows.allocation_steps import cap_met
+
+    one_over = {"live_share": 0.2996, "per_seed": {"1000": {"live_share": 0.3013},
+                                                   "1001": {"live_share": 0.298}}}
+    assert not cap_met(one_over, 0.3)
+    assert cap_met({"per_seed": {"1000": {"live_share": 0.29}}}, 0.3)
+
+
 def test_missing_or_broken_logs_are_user_errors(tmp_path):
     empty = Workspace(tmp_path / "empty").create()
     with pytest.raises(AllocationLogError, match="recpipe nightly"):
