@@ -111,8 +111,12 @@ def _json_safe(value: object) -> object:
 
 
 def run_command(args: argparse.Namespace, workspace: Workspace) -> dict:
-    """The command's handler, under the workspace's run lock for ``LOCKED_COMMANDS``."""
-    if args.command in LOCKED_COMMANDS and getattr(args, "rank_job", None) is None:
+    """The command's handler, under the workspace's run lock for ``LOCKED_COMMANDS`` (not
+    for a multi-node launch: every node's launcher would contend for the one lock of the
+    shared workspace, and the second node would stop while the first waits for it)."""
+    multi_node = getattr(args, "nnodes", "1") != "1"
+    if (args.command in LOCKED_COMMANDS and getattr(args, "rank_job", None) is None
+            and not multi_node):
         with workspace.exclusive_run(f"recpipe {args.command}"):
             return args.handler(args, workspace)
     return args.handler(args, workspace)

@@ -129,6 +129,7 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob(),
         ShardingConfig,
         full_state_dict,
         global_label_means,
+        per_rank_batch,
         read_shard,
         shard_ranker,
     )
@@ -212,8 +213,8 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob(),
     rows = {k: len(v) for k, v in splits.items()}
     if rank is not None:
         rows["train"] *= rank.world_size  # every rank holds the same number of rows
-        distributed = {**rank.to_dict(), "per_rank_batch": max(1, train_config.batch_size
-                                                                // rank.world_size),
+        distributed = {**rank.to_dict(),
+                       "per_rank_batch": per_rank_batch(train_config.batch_size, rank.world_size),
                        "sharding": sharding.to_dict(), "plan": plan}
     if main:
         mlflow.set_tracking_uri(workspace.tracking_uri)

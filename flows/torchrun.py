@@ -134,11 +134,24 @@ def run_rank(spec_file: Path, body: Callable[[dict, Rank], dict]) -> dict:
     return summary
 
 
+CPU_ONLY_DISTRIBUTED: tuple[str, ...] = ("pretrain", "train-allocator")
+"""Commands whose ``--nproc`` path builds its batches on the CPU only (not yet on GPUs)."""
+
+
 def launch_from_cli(workspace: Workspace, command: str, job: dict,
                     args: argparse.Namespace) -> dict:
     """:func:`launch` with the command line's ``--nproc`` and rendezvous options, then one
     line on how it ran. Returns global rank 0's summary; on a node whose ranks did not include
     global rank 0, ``{"logged_on_other_node": True, ...}`` (the caller returns it as is)."""
+    if command in CPU_ONLY_DISTRIBUTED:
+        import torch
+
+        if torch.cuda.is_available():
+            from flows.cli import UserError
+
+            raise UserError(f"recpipe {command} --nproc does not run on GPUs yet (its batches "
+                            "stay on the CPU); hide them (CUDA_VISIBLE_DEVICES=) or drop "
+                            "--nproc")
     summary = launch(workspace, command, job, args.nproc, torchrun_rendezvous(args))
     if not summary:  # global rank 0 ran on another node and logged the run there
         print("this node's ranks finished; global rank 0 (node 0) logged the run")

@@ -174,6 +174,21 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """Rows (or users, transitions) each of ``world_size`` ranks takes per step, so that one
+    optimiser step sees ``batch_size`` in all, as one process would.
+
+    Raises:
+        ValueError: unless the ranks divide ``batch_size`` evenly, at least 2 each (batch
+            norm and in-batch statistics need two).
+    """
+    if batch_size % world_size or batch_size // world_size < 2:
+        raise ValueError(f"batch size {batch_size} does not split into {world_size} equal "
+                         "per-rank batches of at least 2: use a multiple of the number of "
+                         f"ranks, at least {2 * world_size}")
+    return batch_size // world_size
+
+
 def init_rank() -> Rank:
     """Join the process group ``torchrun`` set up (env://): nccl with one GPU per local rank
     when CUDA is available, else gloo on CPU."""
@@ -323,6 +338,10 @@ def shard_model(model: nn.Module, rank: Rank, config: ShardingConfig,
     starts where a single process with the same seed starts. ``model`` is modified in place
     (its embedding modules are replaced by sharded ones): deep-copy it first for a plain
     copy. Returns (the DMP, the plan, ``describe_plan`` of it)."""
+    if weight_decay > 0:
+        raise ValueError(f"the fused {embedding_optimizer} kernel of the sharded tables does "
+                         f"not apply weight decay ({weight_decay}); use weight_decay=0 with "
+                         "--nproc")
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import get_default_sharders
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward

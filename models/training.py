@@ -19,6 +19,7 @@ from models.distributed import (
     embedding_optimizer_class,
     embedding_optimizer_kwargs,
     move_batch,
+    per_rank_batch,
 )
 from models.losses import MultiTaskLoss
 
@@ -97,10 +98,10 @@ def fit(
 
     Raises TrainingDivergedError at the first non-finite loss (on every rank at once).
     """
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + (0 if rank is None else 1_000_003 * rank.rank))  # dropout
     optimisers = make_optimisers(model, loss_fn, config, distributed=rank is not None)
     world = 1 if rank is None else rank.world_size
-    batch_size = max(1, config.batch_size // world)
+    batch_size = config.batch_size if rank is None else per_rank_batch(config.batch_size, world)
     device = torch.device("cpu") if rank is None else rank.device
     show = config.progress and (rank is None or rank.is_main)
     history = []

@@ -555,9 +555,11 @@ def train_sl_mgac(frame: pl.DataFrame, config: SLMGACConfig = SLMGACConfig(),
     batch_size, replicas = config.batch_size, None
     online, trained_target = model, target  # what the steps run
     if rank is not None:
+        from models.distributed import per_rank_batch
+
         rows_from, replicas, online, trained_target = _shard_sl_mgac(
             frame, model, config, rank, sharding)
-        batch_size = max(1, config.batch_size // rank.world_size)
+        batch_size = per_rank_batch(config.batch_size, rank.world_size)
     rng = np.random.default_rng(config.seed + (0 if rank is None else 1_000_003 * rank.rank))
     if replicas is not None:
         optimizers = [torch.optim.Adam(replicas.dense, lr=config.learning_rate, foreach=True)]
@@ -618,7 +620,13 @@ def _shard_sl_mgac(frame: pl.DataFrame, model: SLMGACModel, config: SLMGACConfig
     """This rank's rows (those of its share of the sessions), its ``Replicas`` and the
     modules the steps run: the online and target networks as DMPs with sharded tables (the
     target planned like the online network). ``model`` stays the plain twin."""
-    from models.distributed import ShardingConfig, dense_parameters, shard_keys, shard_model
+    from models.distributed import (
+        ShardingConfig,
+        dense_parameters,
+        per_rank_batch,
+        shard_keys,
+        shard_model,
+    )
 
     sessions = frame["session_id"].to_numpy()
     mine = shard_keys(sessions, rank.rank, rank.world_size)
@@ -634,7 +642,7 @@ def _shard_sl_mgac(frame: pl.DataFrame, model: SLMGACModel, config: SLMGACConfig
     replicas = Replicas(rank, dense_parameters(online), online, target,
                         {name for name, _ in model.named_parameters()},
                         {**rank.to_dict(),
-                         "per_rank_batch": max(1, config.batch_size // rank.world_size),
+                         "per_rank_batch": per_rank_batch(config.batch_size, rank.world_size),
                          "sharding": sharding.to_dict(), "plan": described})
     return rows, replicas, online.module, target.module
 

@@ -228,3 +228,12 @@ def test_cli_nproc_trains_like_one_process_and_registers_a_model_that_serves(sim
     params = mlflow.MlflowClient().get_run(multi["run_id"]).data.params
     assert params["train.embedding_optimizer"] == "adagrad"
     assert params["world_size"] == "2"
+
+
+def test_the_global_batch_must_split_evenly_over_the_ranks():
+    from models.distributed import per_rank_batch
+
+    assert per_rank_batch(512, 2) == 256
+    for batch_size, world in ((512, 3), (3, 2), (2, 2)):  # 510 in all; 1 row per rank
+        with pytest.raises(ValueError, match="does not split into"):
+            per_rank_batch(batch_size, world)
