@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 import torch
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -185,10 +187,19 @@ def register(model_uri: str, name: str, run_tags: dict[str, str] | None = None) 
     return {"name": name, "version": int(registered.version), "aliases": aliases}
 
 
-def alias_version(name: str, alias: str) -> int | None:
-    """The version number behind ``name@alias``, or None if the alias does not exist."""
+def alias_version(name: str, alias: str, client: MlflowClient | None = None) -> int | None:
+    """The version number behind ``name@alias``, or None if the alias does not exist
+    (``client``: the default tracking store's when None)."""
+    client = client or MlflowClient()
+    return _version_or_none(lambda: client.get_model_version_by_alias(name, alias))
+
+
+def _version_or_none(fetch: Callable[[], ModelVersion]) -> int | None:
+    """``fetch()``'s version number, or None when MLflow says the model, version or alias
+    does not exist; any other error (an unreachable registry) is raised, never read as
+    "absent"."""
     try:
-        return int(MlflowClient().get_model_version_by_alias(name, alias).version)
+        return int(fetch().version)
     except MlflowException as error:
         if error.error_code in MISSING_CODES:
             return None
@@ -218,13 +229,7 @@ def resolve_version(name: str, ref: str | int) -> int | None:
     text = str(ref).strip()
     digits = text[1:] if text[:1] in "vV" else text
     if digits.isdigit():
-        try:
-            MlflowClient().get_model_version(name, digits)
-        except MlflowException as error:
-            if error.error_code in MISSING_CODES:
-                return None
-            raise
-        return int(digits)
+        return _version_or_none(lambda: MlflowClient().get_model_version(name, digits))
     return alias_version(name, text)
 
 

@@ -154,24 +154,22 @@ def make_optimisers(model: nn.Module, loss_fn: MultiTaskLoss, config: TrainConfi
     ``config.embedding_optimizer`` (one Adam for everything when that is "adam"). Distributed,
     the sharded tables are already optimised inside the backward pass (fused kernel), so only
     the dense Adam is returned."""
-    extra = list(loss_fn.parameters())
-
     def adam(params: list) -> torch.optim.Optimizer:  # fused: one kernel for all (CPU too)
-        groups = [{"params": [p for p in params if all(p is not e for e in extra)]}]
-        if extra:  # decay would pull the uncertainty log-variances (task weights) to 0
-            groups.append({"params": extra, "weight_decay": 0.0})
+        groups = [{"params": params}]
+        loss_params = list(loss_fn.parameters())
+        if loss_params:  # decay would pull the uncertainty log-variances (task weights) to 0
+            groups.append({"params": loss_params, "weight_decay": 0.0})
         return torch.optim.Adam(groups, lr=config.learning_rate,
                                 weight_decay=config.weight_decay, fused=True)
 
     if distributed:
-        return [adam([*dense_parameters(model), *extra])]
+        return [adam(dense_parameters(model))]
     if config.embedding_optimizer == "adam":
-        return [adam([*model.parameters(), *extra])]
+        return [adam(list(model.parameters()))]
     tables = make_table_optimiser(model, config.embedding_optimizer, config.learning_rate,
                                   config.weight_decay)
     in_tables = {id(p) for group in tables.param_groups for p in group["params"]}
-    dense = [p for p in model.parameters() if id(p) not in in_tables]
-    return [adam([*dense, *extra]), tables]
+    return [adam([p for p in model.parameters() if id(p) not in in_tables]), tables]
 
 
 def make_table_optimiser(model: nn.Module, name: str, learning_rate: float,

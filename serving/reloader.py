@@ -16,10 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from models.registry import CHAMPION, MISSING_CODES, RANKER_MODEL_NAME, LoadedRanker
+from models.registry import CHAMPION, RANKER_MODEL_NAME, LoadedRanker, alias_version
 from serving.allocation import LoadedAllocator, load_allocator
 from serving.schemas import Candidate, RankRequest
 from serving.scorer import Scorer
@@ -201,12 +200,7 @@ class ModelWatcher:
 
     def _resolve(self, name: str) -> int | None:
         """Version behind ``name@alias``; None when the model or alias does not exist."""
-        try:
-            return int(self.client.get_model_version_by_alias(name, self.alias).version)
-        except MlflowException as error:
-            if error.error_code in MISSING_CODES:
-                return None
-            raise
+        return alias_version(name, self.alias, self.client)
 
     def _info(self, name: str, version: int) -> ModelVersionInfo:
         details = self.client.get_model_version(name, str(version))

@@ -555,11 +555,9 @@ def train_sl_mgac(frame: pl.DataFrame, config: SLMGACConfig = SLMGACConfig(),
     batch_size, replicas = config.batch_size, None
     online, trained_target = model, target  # what the steps run
     if rank is not None:
-        from models.distributed import per_rank_batch
-
         rows_from, replicas, online, trained_target = _shard_sl_mgac(
             frame, model, config, rank, sharding)
-        batch_size = per_rank_batch(config.batch_size, rank.world_size)
+        batch_size = replicas.described["per_rank_batch"]
     rng = np.random.default_rng(config.seed + (0 if rank is None else 1_000_003 * rank.rank))
     if replicas is not None:
         optimizers = [torch.optim.Adam(replicas.dense, lr=config.learning_rate, foreach=True)]
