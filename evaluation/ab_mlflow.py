@@ -77,14 +77,15 @@ def evaluate_predictions(labels: np.ndarray, predictions: np.ndarray,
 def log_ab_run(experiment_id: str, model_name: str, champion_version: int,
                challenger_version: int, table: MetricTable, decision: Decision,
                gates: GateConfig, extra_params: dict | None = None,
-               per_model: dict | None = None) -> str:
+               per_model: dict | None = None, tags: dict[str, str] | None = None) -> str:
     """Log the comparison and return the run id. ``per_model``: {"labels", "user_ids",
-    "tasks", "champion", "challenger"} to add the nested ``mlflow.models.evaluate`` runs."""
+    "tasks", "champion", "challenger"} to add the nested ``mlflow.models.evaluate`` runs;
+    ``tags``: more tags for the run (the flows add ``flows.lineage.lineage_tags``)."""
     from evaluation.ab_plots import difference_plot
 
     title = f"{model_name}: v{challenger_version} (challenger) vs v{champion_version} (champion)"
     run_name = f"ab {model_name} v{challenger_version} vs v{champion_version}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         mlflow.set_tags({"recpipe.kind": "offline-ab", "model_name": model_name,
                          "champion_version": str(champion_version),
                          "challenger_version": str(challenger_version),

@@ -133,8 +133,14 @@ def train_allocator_step(
     """
     import mlflow
 
+    from flows.lineage import lineage_tags
     from flows.steps import flatten_params
-    from models.allocators.data import RewardConfig, live_share, read_allocation_log
+    from models.allocators.data import (
+        RewardConfig,
+        allocation_file,
+        live_share,
+        read_allocation_log,
+    )
     from models.allocators.policy import config_for, train_policy
     from models.allocators.registry import ALLOCATOR_MODEL_NAME, log_allocator
     from models.registry import ensure_experiment
@@ -160,7 +166,8 @@ def train_allocator_step(
         if main:
             mlflow.log_metrics({f"train_{k}": v for k, v in stats.items()}, step=step)
 
-    run_context = (mlflow.start_run(experiment_id=experiment_id, run_name=f"{algo}-seed{seed}")
+    run_context = (mlflow.start_run(experiment_id=experiment_id, run_name=f"{algo}-seed{seed}",
+                                    tags=lineage_tags(allocation_file(source)))
                    if main else nullcontext())
     with run_context as run:
         n_sessions = frame["session_id"].n_unique()

@@ -56,6 +56,7 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
 
     from evaluation.ab import decision_markdown, evaluate_gates, same_version_decision
     from evaluation.ab_mlflow import EVALUATION_EXPERIMENT, log_ab_run
+    from flows.lineage import lineage_tags
     from models.allocators.registry import ALLOCATOR_MODEL_NAME
     from models.registry import (
         CHAMPION,
@@ -89,8 +90,10 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
     gates = replace(gates, **job.gate_overrides)
     decision = evaluate_gates(table, gates)
     experiment_id = ensure_experiment(EVALUATION_EXPERIMENT, workspace.artifacts)
+    held_out = extra_params.get("test_path") or job.test_path  # None: a simulated world
     run_id = log_ab_run(experiment_id, name, champion, challenger, table, decision, gates,
-                        extra_params={**extra_params, "seed": job.seed}, per_model=per_model)
+                        extra_params={**extra_params, "seed": job.seed}, per_model=per_model,
+                        tags=lineage_tags(held_out))
     record_evaluation(name, challenger, run_id, decision.status)
     promotion, message = None, decision.summary
     current = alias_version(name, CHAMPION)

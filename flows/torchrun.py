@@ -98,6 +98,7 @@ def launch(workspace: Workspace, command: str, job: dict, nproc: int,
     rank reads from FILE. Returns global rank 0's summary, or {} when rank 0 ran on another
     node. UserError when a rank fails (its error is printed above)."""
     from flows.cli import UserError
+    from flows.lineage import FLOW_RUN_ENV, flow_run_tags
 
     with tempfile.TemporaryDirectory(prefix=f"recpipe-{command}-") as tmp:
         spec, summary_file = Path(tmp) / "job.json", Path(tmp) / "summary.json"
@@ -108,6 +109,9 @@ def launch(workspace: Workspace, command: str, job: dict, nproc: int,
                 "--rank-job", str(spec)]
         env = dict(os.environ)  # the cores shared out over the ranks (torchrun's default: 1)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        flow_run = flow_run_tags()  # rank 0's MLflow run names the flow run that launched it
+        if flow_run:
+            env[FLOW_RUN_ENV] = json.dumps(flow_run)
         status = subprocess.run(argv, check=False, env=env).returncode
         if status != 0:
             raise UserError(f"distributed training failed (torchrun exit status {status}); "

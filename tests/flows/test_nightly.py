@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from features.schema import RAW_INPUT_COLUMNS
+from flows.caching import fingerprint
 from flows.workspace import Workspace
 
 pytestmark = pytest.mark.integration
@@ -59,6 +60,20 @@ def test_nightly_flow_registers_a_ranker_that_loads_and_scores(tmp_path):
     log = pl.read_parquet(workspace.raw / "simulator-seed3-users120-days4" / "allocations.parquet")
     decided = allocation.predict(log.head(5).to_pandas())
     assert decided["p_insert"].between(0, 1).all()
+
+    # every MLflow run the night started names the flow run, and the data it trained on
+    night = str(state.state_details.flow_run_id)
+    runs = {run_id: mlflow.get_run(run_id).data.tags for run_id in (
+        summary["train_ranker"]["run_id"], summary["pretrain"]["run_id"], allocator["run_id"])}
+    for tags in runs.values():
+        assert tags["recpipe.prefect.flow_run_id"] == night
+        assert tags["recpipe.prefect.flow_name"] == "recpipe-nightly"
+    ranker_tags = runs[summary["train_ranker"]["run_id"]]
+    assert ranker_tags["recpipe.data.path"] == str(workspace.examples.resolve())
+    assert ranker_tags["recpipe.data.fingerprint"] == fingerprint(workspace.examples).split(":")[-1]
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"tags.`recpipe.prefect.flow_run_id` = '{night}'")
+    assert {run.info.run_id for run in found} >= set(runs)
 
 
 def test_bad_input_fails_at_once_and_io_errors_are_retried():
