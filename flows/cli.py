@@ -69,14 +69,15 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # first, before the parser imports prefect (which reads its settings once, at import)
+    Workspace.from_env(home_argument(argv)).configure_environment()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help (0), or a bad option (2; argparse printed which)
         return int(done.code or 0)
     try:
-        workspace = Workspace.from_env(args.home)
-        workspace.configure_environment()
+        workspace = Workspace.from_env(args.home).create()
         summary = run_command(args, workspace)
     except (UserError, WorkspaceBusyError, ValueError, OSError) as error:
         # ValueError: IngestError, FeatureBuildError, bad configs; OSError: a path given
@@ -90,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json_line(summary))
     return 0
+
+
+def home_argument(argv: list[str] | None) -> str | None:
+    """The ``--home`` of a command line, read without the full parser (None: not given)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--home")
+    return parser.parse_known_args(argv)[0].home
 
 
 def json_line(summary: dict) -> str:
@@ -541,15 +549,18 @@ def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
     CronSchedule(cron=args.cron, timezone=args.timezone)  # ValueError (exit 2) before a server
     parameters = nightly_parameters(args, workspace)
     api_url = ensure_prefect_server(workspace, args.port)
-    os.environ["PREFECT_API_URL"] = api_url
+    os.environ["PREFECT_API_URL"] = api_url  # for the flow-run processes serve starts
     from prefect.schedules import Cron
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.nightly import nightly
 
     print(f"serving deployment recpipe-nightly/nightly on {api_url} "
           f"with cron {args.cron!r} ({args.timezone}); Ctrl-C stops")
-    nightly.serve(name="nightly", schedules=[Cron(args.cron, timezone=args.timezone)],
-                  parameters=parameters)
+    # this process imported prefect already: its settings must be told, not the environment
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        nightly.serve(name="nightly", schedules=[Cron(args.cron, timezone=args.timezone)],
+                      parameters=parameters)
     return {"api_url": api_url, "cron": args.cron, "timezone": args.timezone}
 
 

@@ -83,8 +83,8 @@ class Workspace:
         return self
 
     def configure_environment(self) -> None:
-        """Point MLflow and Prefect at this workspace. Call before importing prefect."""
-        self.create()
+        """Point MLflow and Prefect at this workspace (environment only; nothing is created).
+        Call before anything imports prefect: Prefect reads its settings once, at import."""
         os.environ["RECPIPE_HOME"] = str(self.root)
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
         os.environ.setdefault("PREFECT_HOME", str(self.prefect_home))

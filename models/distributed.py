@@ -453,13 +453,18 @@ def full_state_dict(dmp: nn.Module, rank: Rank) -> dict[str, torch.Tensor] | Non
     """The unsharded state dict of ``dmp`` on rank 0 (plain CPU tensors of full size, keys as
     in the plain model), None on the other ranks. A collective: every rank must call it.
     Replicated floating buffers (BatchNorm running statistics, which each rank updates from
-    its own batches) are averaged over the ranks; parameters are identical everywhere."""
+    its own batches) are averaged over the ranks; replicated parameters must be identical
+    everywhere (checked: ReplicasDivergedError on every rank otherwise)."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
 
     buffers = {name for name, _ in dmp.named_buffers()}
+    state = dmp.state_dict()
+    check_replicas_agree({name: value for name, value in state.items()
+                          if type(value) is torch.Tensor and name not in buffers
+                          and value.is_floating_point()})
     out: dict[str, torch.Tensor] = {}
-    for name, value in dmp.state_dict().items():
+    for name, value in state.items():
         if isinstance(value, DTensor):
             full = value.full_tensor()
         elif isinstance(value, ShardedTensor):
@@ -475,6 +480,33 @@ def full_state_dict(dmp: nn.Module, rank: Rank) -> dict[str, torch.Tensor] | Non
         if rank.is_main:
             out[name] = full.detach().cpu().clone()
     return out if rank.is_main else None
+
+
+class ReplicasDivergedError(RuntimeError):
+    """A replicated (data-parallel) parameter differs between ranks."""
+
+
+def check_replicas_agree(replicated: dict[str, torch.Tensor]) -> None:
+    """Raise ReplicasDivergedError (on every rank: all see the same extremes) unless every
+    tensor of ``replicated`` (name → this rank's copy) is bit-identical on all ranks. They
+    are whenever each step averaged the dense gradients over the ranks; a rank that stepped
+    on its own gradients would otherwise save only its own half-trained copy. A collective."""
+    if not replicated:
+        return
+    flat = torch.cat([value.detach().reshape(-1).double() for value in replicated.values()])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    differs, offset = [], 0
+    for name, value in replicated.items():
+        size = value.numel()
+        if not torch.equal(high[offset:offset + size], low[offset:offset + size]):
+            differs.append(name)
+        offset += size
+    if differs:
+        raise ReplicasDivergedError(
+            f"replicated parameters differ between ranks (their gradients were not averaged "
+            f"every step): {differs[:5]}{' ...' if len(differs) > 5 else ''}")
 
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -51,6 +51,19 @@ def make_events(n_users: int = 40, n_items: int = 60, per_user: int = 30, days: 
 
 
 @pytest.fixture
+def single_thread():
+    """Run a test on one intra-op thread: the tensors are tiny, and on a loaded machine two
+    OpenMP threads spin-waiting on each other make many-small-op models (HoME, PLE) orders of
+    magnitude slower. Opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_events() -> pl.DataFrame:
     return make_events()
 
@@ -92,3 +105,20 @@ def run_json(capsys, *argv: str) -> dict:
 
     assert main([*argv, *(() if "--json" in argv else ("--json",))]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=not_json)
+
+
+def assert_reproduces_test_metrics(ranker, examples: Path, expected: dict) -> None:
+    """``ranker`` (a loaded ``LoadedRanker``) gives on ``examples/test.parquet`` the test
+    metrics ``expected`` (a training summary's ``metrics["test"]``) to float precision."""
+    from evaluation.metrics import task_metrics
+    from features.build import load_schema
+    from models.batch import ExampleArrays
+
+    rows = pl.read_parquet(examples / "test.parquet")
+    arrays = ExampleArrays.from_frame(rows, load_schema(examples))
+    again = task_metrics(ranker.score_encoded(rows), arrays.labels, arrays.user_ids,
+                         ranker.schema.tasks)
+    for task, values in expected.items():
+        for name, value in values.items():
+            assert again[task][name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), \
+                (task, name)

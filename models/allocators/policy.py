@@ -67,6 +67,10 @@ def config_for(algo: str, seed: int = 0, live_share_cap: float = 0.3,
     if unknown:
         raise ValueError(f"{algo}: unknown hyperparameters {sorted(unknown)}; "
                          f"known: {sorted(names)}")
+    own_option = set(overrides or {}) & set(values)
+    if own_option:  # the step judges the policy by the same cap, seeds the same way
+        raise ValueError(f"{algo}: {sorted(own_option)} are set by their own options "
+                         "(--live-share-cap, --seed), not as hyperparameters")
     config = replace(cls(), **values, **dict(overrides or {}))
     if config.n_steps < 1:
         raise ValueError(f"{algo}: n_steps must be at least 1, got {config.n_steps}")

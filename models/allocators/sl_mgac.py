@@ -270,10 +270,11 @@ class ValueBuckets(nn.Module):
         return float(self.atoms[-1])
 
     def encode(self, y: torch.Tensor) -> torch.Tensor:
-        """(B,) targets → (B, n) two-hot probabilities."""
+        """(B,) targets → (B, n) two-hot probabilities; a NaN target gives a NaN row (the
+        loss turns NaN and training stops as diverged, on every rank at once)."""
         n = self.atoms.shape[0]
         position = (y.clamp(self.low, self.high) - self.low) / (self.high - self.low) * (n - 1)
-        lower = position.floor().clamp(max=n - 2)  # (B,)
+        lower = position.floor().clamp(max=n - 2).nan_to_num(0.0)  # (B,) a valid index
         upper_weight = (position - lower).unsqueeze(1)  # (B, 1)
         probs = torch.zeros(y.shape[0], n, dtype=self.atoms.dtype, device=y.device)
         probs.scatter_(1, lower.long().unsqueeze(1), 1.0 - upper_weight)

@@ -106,6 +106,18 @@ def test_the_cap_must_hold_in_every_held_out_rollout_not_on_average():
     assert cap_met({"per_seed": {"1000": {"live_share": 0.29}}}, 0.3)
 
 
+def test_a_policy_over_the_cap_in_a_held_out_rollout_is_not_registered(workspace):
+    # an SL-MGAC actor of 20 steps, its share not calibrated, under a cap of 2%
+    summary = train_allocator_step(workspace, "sl_mgac", hyperparameters={
+        "n_steps": 20, "calibrate_share": False, "cap_margin": 0.005}, live_share_cap=0.02,
+        eval_seeds=1, eval_users=60, progress=False)
+    assert summary["true_value"]["policy"]["live_share"] > 0.02
+    assert summary["true_value"]["constraint_met"] is False
+    assert summary["registered"] is None
+    assert summary["registration_skipped"] == "held-out rollouts broke the live-share cap"
+    assert not mlflow.MlflowClient(workspace.tracking_uri).search_registered_models()
+
+
 def test_missing_or_broken_logs_are_user_errors(tmp_path):
     empty = Workspace(tmp_path / "empty").create()
     with pytest.raises(AllocationLogError, match="recpipe nightly"):

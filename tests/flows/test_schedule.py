@@ -70,12 +70,18 @@ def test_the_cron_schedule_fires_a_nightly_run_on_a_real_prefect_server(tmp_path
     workspace = Workspace(tmp_path / "ws").create()
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api_url,
+    # as a user runs it: no PREFECT_API_URL, no PREFECT_HOME; `recpipe schedule --port` must
+    # find the server (started as it would start it, on the workspace's Prefect home) itself
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("PREFECT_API_URL", "PREFECT_HOME")},
+           "HOME": str(tmp_path / "home"),  # a stray ~/.prefect stays in the test's folder
            # the scheduler service looks for due schedules every 5 s instead of every 60 s
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+    server_env = {**env, "PREFECT_HOME": str(workspace.prefect_home)}
+    (tmp_path / "home").mkdir()
     server_log, schedule_log = tmp_path / "server.log", tmp_path / "schedule.log"
     server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                    "--port", str(port)], server_log, env)
+                    "--port", str(port)], server_log, server_env)
     schedule = None
     try:
         wait_until(lambda: answers_health(api_url), 120, "the Prefect server did not start",
@@ -83,6 +89,7 @@ def test_the_cron_schedule_fires_a_nightly_run_on_a_real_prefect_server(tmp_path
         fire_at = next_minute(datetime.now(UTC))
         schedule = start(
             [sys.executable, "-m", "flows.cli", "schedule", "--home", str(workspace.root),
+             "--port", str(port),
              "--cron", f"{fire_at.minute} {fire_at.hour} * * *", "--timezone", "UTC",
              "--users", "80", "--days", "3", "--epochs", "1", "--pretrain-method", "none",
              "--allocator-algo", "none"], schedule_log, env)
@@ -102,6 +109,11 @@ def test_the_cron_schedule_fires_a_nightly_run_on_a_real_prefect_server(tmp_path
                 stop(process)
 
     assert run["state"]["type"] == "COMPLETED", (run["state"], schedule_log.read_text()[-3000:])
+    served = schedule_log.read_text(errors="replace")
+    # served by the server it found, not by a temporary one of its own (which only "worked"
+    # when both happened to share one database)
+    assert "ephemeral server" not in served and "Starting temporary server" not in served
+    assert not (tmp_path / "home" / ".prefect").exists()  # Prefect used the workspace's home
     expected = datetime.fromisoformat(run["expected_start_time"])
     assert expected == fire_at, (expected, fire_at)  # fired by the schedule, at its minute
     assert run["parameters"]["home"] == str(workspace.root)

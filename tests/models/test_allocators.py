@@ -141,6 +141,9 @@ def test_bucketed_critic_target_mapping_round_trips():
     torch.testing.assert_close(buckets.encode(atoms), torch.eye(31))
     clipped = buckets.decode(buckets.encode(torch.tensor([-1e4, 1e4])))
     torch.testing.assert_close(clipped, torch.tensor([-50.0, 250.0]))
+    # a diverged critic's NaN target: a NaN row (the loss turns NaN), not an index error
+    probs = buckets.encode(torch.tensor([float("nan"), 10.0]))
+    assert probs[0].isnan().any() and not probs[1].isnan().any()
 
 
 def test_log_contract_names_what_is_wrong(tmp_path, two_sessions):
@@ -258,6 +261,8 @@ def test_unknown_algorithms_and_hyperparameters_are_refused():
         config_for("ppo")
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         config_for("sl_mgac", overrides={"gamma_typo": 0.9})
+    with pytest.raises(ValueError, match=r"\['live_share_cap'\] are set by their own options"):
+        config_for("greedy", overrides={"live_share_cap": 1.0})  # was a bare TypeError
 
 
 def test_sl_mgac_refuses_a_cap_its_margin_leaves_nothing_under():

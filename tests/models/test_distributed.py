@@ -30,8 +30,11 @@ from flows.steps import (
 from flows.torchrun import launch
 from flows.workspace import Workspace
 from models.distributed import (
+    Rank,
+    ReplicasDivergedError,
     ShardingConfig,
     check_embedding_optimizer,
+    full_state_dict,
     read_shard,
     shard_rows,
 )
@@ -89,6 +92,51 @@ def test_the_ranks_step_batches_together_are_the_single_process_batch():
                                         for s in shards]))
         expected = np.arange(step * batch_size, min((step + 1) * batch_size, kept))
         assert union.tolist() == expected.tolist()
+
+
+def _save_after_one_rank_stepped_alone(rank: int, init_file: str, outcomes) -> None:
+    """A gloo rank: gather a plain model whose replicas agree, then one whose bias moved on
+    rank 1 only (a step on unaveraged gradients); report what each gather did."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    me = Rank(rank, 2, rank, torch.device("cpu"), "gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    try:
+        gathered = full_state_dict(model, me)
+        outcomes.put((rank, "agreed", sorted(gathered) if gathered else None))
+        if rank == 1:
+            with torch.no_grad():
+                model.bias[0] += 1e-6
+        try:
+            full_state_dict(model, me)
+            outcomes.put((rank, "saved", None))
+        except ReplicasDivergedError as error:
+            outcomes.put((rank, "refused", str(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_a_model_whose_replicas_disagree_is_not_saved(tmp_path):
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    outcomes = context.Queue()
+    processes = [context.Process(target=_save_after_one_rank_stepped_alone,
+                                 args=(rank, str(tmp_path / "init"), outcomes))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    reports = sorted(outcomes.get(timeout=5) for _ in range(4))
+    assert reports[0] == (0, "agreed", ["bias", "weight"]) and reports[2][:2] == (1, "agreed")
+    for rank, outcome, message in (reports[1], reports[3]):
+        assert outcome == "refused", (rank, outcome)  # on both ranks: no rank is left waiting
+        assert "['bias']" in message and "not averaged" in message
 
 
 def test_cpu_ranks_need_an_embedding_optimiser_the_fused_cpu_kernel_has():

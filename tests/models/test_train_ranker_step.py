@@ -25,6 +25,7 @@ from flows.steps import (
     train_ranker_step,
 )
 from flows.workspace import Workspace
+from tests.conftest import assert_reproduces_test_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SMALL = {"n_experts": 2, "n_category_experts": 1, "expert_hidden": (16, 8),
@@ -113,6 +114,22 @@ def test_ground_truth_from_another_simulation_is_refused(simulated, tmp_path):
     assert "oracle_auc" not in summary["metrics"]["test"]["click"]
     with pytest.raises(ValueError, match="different simulation"):
         train_ranker_step(workspace, replace(job, ground_truth_optional=False))
+
+
+@pytest.mark.integration
+def test_the_logged_ranker_scores_what_the_trained_one_scored(simulated):
+    """HoME (BatchNorm: running statistics, eval mode) reloaded from its MLflow model gives
+    the test metrics the run computed with the model in memory, to float precision."""
+    from models.registry import load_ranker
+
+    workspace, _ = simulated
+    job = RankerJob(ranker={"arch": "home", **SMALL},
+                    train={"epochs": 1, "batch_size": 256, "progress": False})
+    summary = train_ranker_step(workspace, job)
+    mlflow.set_tracking_uri(workspace.tracking_uri)
+    loaded = load_ranker(summary["model_uri"])
+    assert not loaded.model.training
+    assert_reproduces_test_metrics(loaded, workspace.examples, summary["metrics"]["test"])
 
 
 @pytest.mark.integration
