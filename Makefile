@@ -23,13 +23,14 @@ lint: $(STAMP)
 install: $(STAMP)
 
 # torch 2.13.0 is the CPU wheel on this machine's disk; fbgemm-gpu-cpu replaces the CUDA
-# fbgemm-gpu that torchrec's metadata asks for, hence torchrec --no-deps.
+# fbgemm-gpu that torchrec's metadata asks for, hence torchrec --no-deps. pip and setuptools
+# are pinned too; recpipe itself builds with the venv's pinned setuptools (no isolation).
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt --upgrade pip setuptools
 	$(PIP) install -q -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu
 	$(PIP) install -q -c constraints.txt --no-deps torchrec
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 # The benchmark environment: the same pinned install plus DeepCTR-Torch, kept out of .venv so
@@ -42,10 +43,10 @@ bench-env: $(BENCH_STAMP)  ## .venv-bench: the project's pins + deepctr-torch==0
 
 $(BENCH_STAMP): constraints.txt pyproject.toml
 	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q -c constraints.txt --upgrade pip setuptools
 	$(BENCH_PY) -m pip install -q -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu
 	$(BENCH_PY) -m pip install -q -c constraints.txt --no-deps torchrec
-	$(BENCH_PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BENCH_PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[dev]'
 	$(BENCH_PY) -m pip install -q -c constraints.txt deepctr-torch==0.3.0
 	$(BENCH_PY) -c "import torch, deepctr_torch; assert torch.__version__.startswith('2.13.0'), \
 	  torch.__version__; print('torch', torch.__version__, 'deepctr-torch', deepctr_torch.__version__)"

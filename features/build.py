@@ -84,7 +84,7 @@ class FeatureConfig:
     """About how many events are held at once: sizes the buckets when ``user_buckets`` is
     None, and the time windows (whole UTC hours, half this many rows) in which the buckets'
     outputs are merged; an hour bigger than a window is merged on its own. With N = 20 the
-    default peaked at 2.5 to 4.4 GB on lakes of 5M to 20M events, where the whole lake at
+    default peaked at 2.0 to 3.4 GB on lakes of 5M to 20M events, where the whole lake at
     once took 1 GB per million (``benchmarks/feature_build.py``). Changes memory, never the
     examples."""
 

@@ -274,7 +274,8 @@ def ingest(
         source: ``"canonical"``, ``"simulator"`` or ``"kuairand"`` (see features.adapters).
         input_path: a file, or a directory of files, of that source.
         lake_dir: the lake root; events go to ``lake_dir/events/date=YYYY-MM-DD/``.
-        quarantine_dir: rejected rows go to ``quarantine_dir/<source>/<input stem>.parquet``.
+        quarantine_dir: rejected rows go to
+            ``quarantine_dir/<source>/<input stem>-<hash8>.parquet`` (:func:`quarantine_name`).
         config: tuning (defaults: :class:`IngestConfig`).
         merge_all: runs :func:`merge_partition` for every staged date and returns the merges
             in that order, e.g. as Prefect mapped tasks (``flows.partitions``); None: one
