@@ -51,6 +51,24 @@ def make_events(n_users: int = 40, n_items: int = 60, per_user: int = 30, days: 
 
 
 @pytest.fixture
+def optimiser_spy(monkeypatch) -> list[tuple[str, list]]:
+    """Every torch Adam / Adagrad built during the test, in order: (class name, the
+    parameters it updates)."""
+    import torch
+
+    built: list[tuple[str, list]] = []
+    for cls in (torch.optim.Adam, torch.optim.Adagrad):
+        def init(self, params, *args, _original=cls.__init__, _name=cls.__name__, **kwargs):
+            params = list(params)
+            built.append((_name, [p for group in params
+                                  for p in (group["params"] if isinstance(group, dict)
+                                            else [group])]))
+            _original(self, params, *args, **kwargs)
+        monkeypatch.setattr(cls, "__init__", init)
+    return built
+
+
+@pytest.fixture
 def single_thread():
     """Run a test on one intra-op thread: the tensors are tiny, and on a loaded machine two
     OpenMP threads spin-waiting on each other make many-small-op models (HoME, PLE) orders of

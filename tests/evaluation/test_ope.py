@@ -149,12 +149,18 @@ def synthetic_bandit(n: int, rng: np.random.Generator, k: int = 3):
     return data, target, means
 
 
-def coverage_of(draws: int, n: int, seed: int) -> dict[str, float]:
+def coverage_of(draws: int, n: int, seed: int) -> dict[str, tuple[float, float]]:
+    """Per estimator: the share of draws whose interval holds the truth, and the mean
+    interval width over the width the estimates' own spread across draws asks for
+    (2 * 1.96 * their standard deviation): about 1 for honest intervals, >> 1 for ones
+    that cover by being wide."""
     rng = np.random.default_rng(seed)
     # population truth: sigmoid means averaged over a huge context sample
     _, target_big, means_big = synthetic_bandit(400_000, np.random.default_rng(99))
     truth = float(np.sum(target_big * means_big, axis=1).mean())
     hits: dict[str, int] = {}
+    values: dict[str, list[float]] = {}
+    widths: dict[str, list[float]] = {}
     for i in range(draws):
         data, target, means = synthetic_bandit(n, rng)
         q_hat = means + 0.05  # a biased reward model: DR must still cover
@@ -163,20 +169,25 @@ def coverage_of(draws: int, n: int, seed: int) -> dict[str, float]:
         for name in ("ipw", "snipw", "dr", "sndr"):
             e = result.estimates[name]
             hits[name] = hits.get(name, 0) + int(e.ci_low <= truth <= e.ci_high)
-    return {name: h / draws for name, h in hits.items()}
+            values.setdefault(name, []).append(e.value)
+            widths.setdefault(name, []).append(e.ci_high - e.ci_low)
+    return {name: (h / draws, np.mean(widths[name]) / (2 * 1.96 * np.std(values[name])))
+            for name, h in hits.items()}
 
 
 def test_intervals_cover_on_repeated_synthetic_draws():
     coverage = coverage_of(draws=60, n=3000, seed=3)
-    for name, value in coverage.items():
-        assert 0.85 <= value <= 1.0, (name, value)
+    for name, (share, width) in coverage.items():
+        assert 0.85 <= share <= 1.0, (name, share)
+        assert 0.7 <= width <= 1.4, (name, width)  # covering by being the right width
 
 
 @pytest.mark.slow
 def test_intervals_cover_about_95_percent_on_many_draws():
     coverage = coverage_of(draws=300, n=3000, seed=4)
-    for name, value in coverage.items():
-        assert 0.91 <= value <= 0.985, (name, value)
+    for name, (share, width) in coverage.items():
+        assert 0.91 <= share <= 0.985, (name, share)
+        assert 0.8 <= width <= 1.25, (name, width)
 
 
 def test_cluster_bootstrap_resamples_whole_groups():

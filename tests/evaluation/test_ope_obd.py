@@ -68,6 +68,9 @@ def test_cli_reproduces_the_benchmark_json(tmp_path, capsys):
         assert 0.0 <= e["value"] <= 1.0, name
         assert e["ci_low"] <= e["value"] <= e["ci_high"] or name == "default", name
         assert e["relative_error"] == pytest.approx(abs(e["value"] - truth) / truth)
+        # benchmarks/README.md: 31-34% on this setting (the truth itself is +-14% noise);
+        # a broken estimator is off by multiples of the truth (~0.007)
+        assert e["relative_error"] < 0.75, (name, e["value"], truth)
 
 
 @needs_obd

@@ -73,7 +73,8 @@ def simulated(tmp_path_factory) -> Workspace:
     return workspace
 
 
-def test_one_process_trains_sl_mgac_tables_with_the_distributed_optimiser(simulated):
+def test_one_process_trains_sl_mgac_tables_with_the_distributed_optimiser(simulated,
+                                                                         optimiser_spy):
     frame = pl.read_parquet(latest_simulator_dir(simulated) / "allocations.parquet")
     config = config_for("sl_mgac", seed=0, progress=False,
                         overrides={"n_steps": 5, "batch_size": 64,
@@ -88,6 +89,17 @@ def test_one_process_trains_sl_mgac_tables_with_the_distributed_optimiser(simula
     assert trained.shape == initial.shape
     assert not torch.equal(trained, initial)  # the Adagrad table optimiser moved the rows
     assert policy.distributed is None
+    # the served policy is a calibrated copy: compare the optimisers' parameters by shape
+    def shapes(parameters) -> list[tuple[int, ...]]:
+        return sorted(tuple(p.shape) for p in parameters)
+
+    named = dict(policy.model.named_parameters())
+    tables = [p for name, p in named.items() if ".embedding_bags." in name]
+    built = dict(optimiser_spy)  # one Adam, one Adagrad
+    assert len(optimiser_spy) == 2 and tables
+    assert shapes(built["Adagrad"]) == shapes(tables)
+    assert shapes(built["Adam"]) == shapes(p for name, p in named.items()
+                                           if ".embedding_bags." not in name)
 
 
 @pytest.mark.integration

@@ -59,7 +59,7 @@ def test_the_item_table_read_through_the_lookup_is_the_weight():
     assert torch.equal(valid, plain_valid)
 
 
-def test_one_process_trains_its_tables_with_the_distributed_optimiser():
+def test_one_process_trains_its_tables_with_the_distributed_optimiser(optimiser_spy):
     """``embedding_optimizer="adagrad"``: the tables on Adagrad across both AdaptSSR stages,
     the rest on Adam (what a CPU distributed run does), and both move."""
     rng = torch.Generator().manual_seed(0)
@@ -80,6 +80,14 @@ def test_one_process_trains_its_tables_with_the_distributed_optimiser():
     for name in ("embeddings.embeddings.t_item.weight", "transformer.layers.0.linear1.weight"):
         assert not torch.equal(start[name], end[name]), name
     assert result.distributed is None and len(result.history) == 1
+    parameters = dict(result.encoder.named_parameters())
+    table, dense = (id(parameters[name]) for name in (
+        "embeddings.embeddings.t_item.weight", "transformer.layers.0.linear1.weight"))
+    adagrad = [{id(p) for p in ps} for kind, ps in optimiser_spy if kind == "Adagrad"]
+    adam = [{id(p) for p in ps} for kind, ps in optimiser_spy if kind == "Adam"]
+    assert len(adagrad) == 1 and table in adagrad[0]  # one, kept across the two stages
+    assert adam and all(table not in ids for ids in adam)
+    assert all(dense in ids for ids in adam) and dense not in adagrad[0]
 
 
 def assert_unsharded(state: dict, schema) -> None:
