@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import mlflow
 import polars as pl
 import pytest
@@ -85,3 +87,34 @@ def test_bad_input_fails_at_once_and_io_errors_are_retried():
     assert IO_RETRIES["retries"] > 0
     assert not retry_unless_bad_input(None, None, Failed(data=IngestError("semicolons")))
     assert retry_unless_bad_input(None, None, Failed(data=OSError("disk full")))
+
+
+def test_a_nightly_on_bad_input_fails_naming_the_file_after_one_attempt(tmp_path):
+    """In a real flow run: an input that is not what its source says fails the ingest task
+    on its first attempt (bad input is not retried) and the night stops, naming the file."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.nightly import nightly
+
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id;video_id\n1;2\n")  # semicolons: not the KuaiRand columns
+    workspace = Workspace(tmp_path / "ws")
+    with prefect_test_harness(server_startup_timeout=90):
+        state = nightly(home=str(workspace.root), source="kuairand", input_path=str(bad),
+                        return_state=True)
+        assert state.is_failed()
+        with pytest.raises(ValueError, match=str(bad)):
+            state.result()
+
+        async def ingest_runs():
+            async with get_client() as client:
+                runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            return [run for run in runs if run.name.startswith("ingest")]
+
+        runs = asyncio.run(ingest_runs())
+    assert len(runs) == 1 and runs[0].run_count == 1, [(r.name, r.run_count) for r in runs]
+    assert runs[0].state.is_failed()
+    assert not (workspace.lake / "events").exists()  # nothing half-written

@@ -3,6 +3,7 @@ and touches nothing; a run that was killed leaves no stale lock behind."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -69,3 +70,32 @@ def test_a_killed_run_releases_the_workspace(holder, tmp_path):
         except WorkspaceBusyError:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_real_nightly_runs_started_together(tmp_path, monkeypatch, capsys):
+    """Not a stand-in holder: a real `recpipe nightly` in another process holds the
+    workspace; a second real one stops at once, naming the first's flow run, and the first
+    goes on untouched."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    workspace = Workspace(tmp_path / "ws")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "nightly", "--home", str(workspace.root),
+         "--users", "150", "--days", "4", "--pretrain-method", "none",
+         "--allocator-algo", "none"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (workspace.run_lock_holder_file.exists()
+                   and "recpipe-nightly flow run" in workspace.run_lock_holder_file.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, "no lock taken"
+            time.sleep(0.5)
+        assert main(["nightly", "--home", str(workspace.root), "--users", "30",
+                     "--days", "2"]) == USER_ERROR_EXIT
+        error = capsys.readouterr().err
+        assert "is busy" in error and "recpipe-nightly flow run" in error
+        assert f"{first.pid}" in error
+        assert first.poll() is None  # the first run is still going
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # with the Prefect server it started
+        first.wait()

@@ -128,6 +128,35 @@ def test_oversize_body_without_content_length_is_413(small_client):
     assert "exceeds the limit" in response.json()["detail"]
 
 
+def test_oversize_and_malformed_bodies_over_real_http(watcher, serve):
+    """The same limits through uvicorn's own HTTP parsing (chunked transfer encoding, a
+    declared Content-Length, broken JSON), not only through the in-process client."""
+    import httpx
+
+    from serving.app import create_app
+    from serving.schemas import Limits
+
+    url = serve(create_app(watcher, Limits(max_body_bytes=2_000, max_candidates=5,
+                                           max_history=3), poll=False)) + "/rank"
+
+    def chunks():
+        yield b'{"user_id": 7, "candidates": ['
+        for i in range(200):
+            yield f'{{"item_id": {i}}},'.encode()
+        yield b'{"item_id": -1}]}'
+
+    with httpx.Client(timeout=30) as http:
+        chunked = http.post(url, content=chunks())
+        assert chunked.status_code == 413 and "exceeds the limit" in chunked.json()["detail"]
+        declared = http.post(url, content=b" " * 2_001,
+                             headers={"content-type": "application/json"})
+        assert declared.status_code == 413
+        broken = http.post(url, content=b'{"user_id": 7, "candidates": [',
+                           headers={"content-type": "application/json"})
+        assert broken.status_code in (400, 422) and "detail" in broken.json()
+        assert http.post(url, json=OK).status_code == 200
+
+
 def test_too_many_candidates_or_history_entries_is_413(small_client):
     many = small_client.post("/rank", json=with_(candidates=[{"item_id": i} for i in range(6)]))
     assert many.status_code == 413
