@@ -133,7 +133,7 @@ def train_allocator_step(
     """
     import mlflow
 
-    from flows.lineage import lineage_tags
+    from flows.lineage import start_run
     from flows.steps import flatten_params
     from models.allocators.data import (
         RewardConfig,
@@ -166,8 +166,7 @@ def train_allocator_step(
         if main:
             mlflow.log_metrics({f"train_{k}": v for k, v in stats.items()}, step=step)
 
-    run_context = (mlflow.start_run(experiment_id=experiment_id, run_name=f"{algo}-seed{seed}",
-                                    tags=lineage_tags(allocation_file(source)))
+    run_context = (start_run(experiment_id, f"{algo}-seed{seed}", allocation_file(source))
                    if main else nullcontext())
     with run_context as run:
         n_sessions = frame["session_id"].n_unique()

@@ -15,7 +15,10 @@ answers from its tags alone:
   run it belongs to, e.g. a nightly; the runs of one nightly are
   ``mlflow.search_runs(filter_string="tags.`recpipe.prefect.flow_run_id` = '<id>'")``.
   ``torchrun`` ranks are separate processes, so the launcher hands the flow run over in
-  :data:`FLOW_RUN_ENV`.
+  :data:`FLOW_RUN_ENV`;
+- ``recpipe.host`` / ``recpipe.pid``: the process that holds the run open. A run whose
+  process died (killed mid-training) would stay RUNNING forever; :func:`start_run` first
+  ends such runs of its experiment as KILLED (``recpipe.abandoned`` says why).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,9 +38,53 @@ FLOW_RUN_ENV = "RECPIPE_FLOW_RUN"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def start_run(experiment_id: str, run_name: str, data: Path | str | None = None):
+    """``mlflow.start_run`` with :func:`lineage_tags`, after ending the experiment's runs
+    abandoned by dead processes (:func:`end_abandoned_runs`)."""
+    import mlflow
+
+    end_abandoned_runs(experiment_id)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                            tags=lineage_tags(data))
+
+
+def end_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``experiment_id`` whose recpipe process (same host,
+    ``recpipe.pid``) no longer exists; returns their ids. Runs of live processes, of other
+    hosts, or without the tags are left alone."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("recpipe.host") != host or not tags.get("recpipe.pid", "").isdigit():
+            continue
+        if _process_exists(int(tags["recpipe.pid"])):
+            continue
+        client.set_tag(run.info.run_id, "recpipe.abandoned",
+                       f"process {tags['recpipe.pid']} on {host} ended without closing this "
+                       "run (killed); marked KILLED by the next run")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def lineage_tags(data: Path | str | None = None) -> dict[str, str]:
     """The tags above for a run that reads ``data`` (a file or folder; None: no data tags)."""
-    tags = {"recpipe.version": _package_version(), **_git_tags(), **flow_run_tags()}
+    tags = {"recpipe.version": _package_version(), **_git_tags(), **flow_run_tags(),
+            "recpipe.host": socket.gethostname(), "recpipe.pid": str(os.getpid())}
     if data is not None:
         data = Path(data)
         tags["recpipe.data.path"] = str(data.resolve())

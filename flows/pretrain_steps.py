@@ -71,7 +71,7 @@ def pretrain_step(
 
     from features.build import load_schema
     from features.vocab import Vocabulary
-    from flows.lineage import lineage_tags
+    from flows.lineage import start_run
     from flows.steps import flatten_params
     from models.pretraining import PretrainConfig, UserSequences, embed, pretrain
     from models.registry import ensure_experiment
@@ -109,8 +109,7 @@ def pretrain_step(
     if main:
         mlflow.set_tracking_uri(workspace.tracking_uri)
         experiment_id = ensure_experiment(PRETRAIN_EXPERIMENT, workspace.artifacts)
-    run_context = (mlflow.start_run(experiment_id=experiment_id, run_name=f"pretrain-{method}",
-                                    tags=lineage_tags(examples))
+    run_context = (start_run(experiment_id, f"pretrain-{method}", examples)
                    if main else nullcontext())
     with run_context as run:
         if main:

@@ -124,7 +124,7 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob(),
     from evaluation.metrics import task_metrics
     from features.build import load_schema
     from features.vocab import Vocabulary
-    from flows.lineage import lineage_tags
+    from flows.lineage import start_run
     from models.batch import ExampleArrays
     from models.distributed import (
         ShardingConfig,
@@ -220,8 +220,7 @@ def train_ranker_step(workspace: Workspace, job: RankerJob = RankerJob(),
     if main:
         mlflow.set_tracking_uri(workspace.tracking_uri)
         experiment_id = ensure_experiment(RANKER_EXPERIMENT, workspace.artifacts)
-    run_context = (mlflow.start_run(experiment_id=experiment_id, run_name=ranker_config.arch,
-                                    tags=lineage_tags(examples))
+    run_context = (start_run(experiment_id, ranker_config.arch, examples)
                    if main else nullcontext())
     with run_context as run:
         if main:

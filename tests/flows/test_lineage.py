@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from prefect import flow
 
 from flows.caching import fingerprint
-from flows.lineage import FLOW_RUN_ENV, lineage_tags
+from flows.lineage import FLOW_RUN_ENV, lineage_tags, start_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,3 +64,43 @@ def test_inside_a_flow_run_the_tags_name_it(monkeypatch):
     assert tags["recpipe.prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert tags["recpipe.prefect.flow_name"] == "lineage-probe"
     assert tags["recpipe.prefect.flow_run_name"]
+
+
+VICTIM = """
+import sys, time, mlflow
+from flows.lineage import start_run
+mlflow.set_tracking_uri(sys.argv[1])
+with start_run(sys.argv[2], "victim") as run:
+    print(run.info.run_id, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.integration
+def test_a_run_left_open_by_a_killed_process_is_ended_by_the_next_one(tmp_path, monkeypatch):
+    import signal
+    import sys
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv(FLOW_RUN_ENV, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("lineage", (tmp_path / "art").as_uri())
+    client = MlflowClient(uri)
+    elsewhere = client.create_run(experiment, tags={"recpipe.host": "another-host",
+                                                    "recpipe.pid": "1"}).info.run_id
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, uri, experiment], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    killed = victim.stdout.readline().strip()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert client.get_run(killed).info.status == "RUNNING"  # what a killed training leaves
+
+    with start_run(experiment, "next") as run:
+        assert client.get_run(killed).info.status == "KILLED"
+        assert "ended without closing" in client.get_run(killed).data.tags["recpipe.abandoned"]
+        assert client.get_run(elsewhere).info.status == "RUNNING"  # not ours to judge
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    assert client.get_run(run.info.run_id).data.tags["recpipe.pid"] == str(os.getpid())
