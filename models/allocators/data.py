@@ -89,50 +89,69 @@ def read_allocation_log(path: str | Path) -> pl.DataFrame:
 
 
 def validate_allocation_frame(frame: pl.DataFrame, where: str = "allocation log") -> pl.DataFrame:
-    """Check and cast a log frame (see :func:`read_allocation_log`)."""
+    """Check and cast a log frame (see :func:`read_allocation_log`). The whole log is refused
+    on the first problem (a log with holes in its episodes would train on wrong returns); the
+    message names the column, the first offending row (counting from 1) and its value."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise AllocationLogError(f"{where}: missing columns {missing}")
     if frame.height == 0:
         raise AllocationLogError(f"{where}: no rows")
-    frame = frame.select(REQUIRED_COLUMNS)
-    nulls = [c for c, n in zip(frame.columns, frame.null_count().row(0), strict=True) if n]
-    if nulls:
-        raise AllocationLogError(f"{where}: null values in {nulls}")
-    try:
-        frame = frame.with_columns(
-            pl.col("session_id").cast(pl.String),
-            *(pl.col(c).cast(pl.Int64) for c in _INT_COLUMNS),
-            *(pl.col(c).cast(pl.Float64) for c in REQUIRED_COLUMNS
-              if c not in _INT_COLUMNS and c != "session_id"),
-        )
-    except pl.exceptions.PolarsError as error:
-        raise AllocationLogError(f"{where}: a column has the wrong type: {error}") from error
-    checks = {
-        "binary columns outside {0, 1}": pl.any_horizontal(
-            ~pl.col(c).is_in([0, 1]) for c in _BINARY_COLUMNS),
-        "p_insert outside [0, 1]": ~pl.col("p_insert").is_between(0.0, 1.0),
-        "propensity outside (0, 1]": (pl.col("propensity") <= 0) | (pl.col("propensity") > 1),
-        "activity_group outside 0..2": ~pl.col("activity_group").is_between(0, N_GROUPS - 1),
-        "hour outside 0..23": ~pl.col("hour").is_between(0, N_HOURS - 1),
-        "negative watch times or counts": pl.any_horizontal(
-            pl.col(c) < 0 for c in ("live_watch_time_s", "video_watch_time_s", "request_index",
-                                    "lives_inserted_in_session", "session_watch_time_s",
-                                    "past_live_impressions")),
-        "outcomes of a live that was not inserted": (pl.col("action") == 0) & (
+    frame = frame.select(REQUIRED_COLUMNS).with_row_index(_ROW)
+    for column in REQUIRED_COLUMNS:
+        _refuse_rows(frame, pl.col(column).is_null(), f"null {column}", [column], where)
+    targets = {"session_id": pl.String,
+               **{c: pl.Int64 if c in _INT_COLUMNS else pl.Float64
+                  for c in REQUIRED_COLUMNS if c != "session_id"}}
+    for column, dtype in targets.items():  # no nulls left: a null cast is a value that fails
+        _refuse_rows(frame, pl.col(column).cast(dtype, strict=False).is_null(),
+                     f"{column} not {dtype}", [column], where)
+    frame = frame.with_columns(pl.col(c).cast(t) for c, t in targets.items())
+    for reason, bad, shown in _row_checks():
+        _refuse_rows(frame, bad, reason, shown, where)
+    frame = frame.sort("session_id", "request_index")
+    _refuse_rows(frame, pl.struct("session_id", "request_index").is_duplicated(),
+                 "a duplicated (session_id, request_index) step", [], where)
+    return frame.drop(_ROW)
+
+
+_ROW = "_row"
+
+
+def _row_checks() -> list[tuple[str, pl.Expr, list[str]]]:
+    """(reason, expression true on a bad row, columns worth showing) of the typed log."""
+    checks = [(f"{c} outside {{0, 1}}", ~pl.col(c).is_in([0, 1]), [c]) for c in _BINARY_COLUMNS]
+    checks += [(f"negative {c}", pl.col(c) < 0, [c]) for c in (
+        "live_watch_time_s", "video_watch_time_s", "request_index", "lives_inserted_in_session",
+        "session_watch_time_s", "past_live_impressions")]
+    return checks + [
+        ("p_insert outside [0, 1]", ~pl.col("p_insert").is_between(0.0, 1.0), ["p_insert"]),
+        ("propensity outside (0, 1]", (pl.col("propensity") <= 0) | (pl.col("propensity") > 1),
+         ["propensity"]),
+        ("activity_group outside 0..2", ~pl.col("activity_group").is_between(0, N_GROUPS - 1),
+         ["activity_group"]),
+        ("hour outside 0..23", ~pl.col("hour").is_between(0, N_HOURS - 1), ["hour"]),
+        ("outcomes of a live that was not inserted", (pl.col("action") == 0) & (
             (pl.col("live_watch_time_s") > 0) | (pl.col("live_click") > 0)
             | (pl.col("live_follow") > 0) | (pl.col("live_gift") > 0)),
-        "session_end before the session's last request": (pl.col("session_end") == 1) & (
+         ["action", "live_watch_time_s", "live_click", "live_follow", "live_gift"]),
+        ("session_end before the session's last request", (pl.col("session_end") == 1) & (
             pl.col("request_index") < pl.col("request_index").max().over("session_id")),
-    }
-    for reason, bad in checks.items():
-        n_bad = frame.select(bad.sum()).item()
-        if n_bad:
-            raise AllocationLogError(f"{where}: {n_bad} rows with {reason}")
-    frame = frame.sort("session_id", "request_index")
-    if frame.select(pl.struct("session_id", "request_index").is_duplicated().any()).item():
-        raise AllocationLogError(f"{where}: duplicated (session_id, request_index) steps")
-    return frame
+         ["session_end"]),
+    ]
+
+
+def _refuse_rows(frame: pl.DataFrame, bad: pl.Expr, reason: str, shown: list[str],
+                 where: str) -> None:
+    """AllocationLogError naming how many rows are ``bad`` and the first of them."""
+    flagged = frame.with_columns(bad.fill_null(True).alias("_bad")).filter(pl.col("_bad"))
+    if flagged.height == 0:
+        return
+    first = flagged.sort(_ROW).row(0, named=True)
+    keys = [c for c in ("session_id", "request_index") if c not in shown]
+    values = ", ".join(f"{c}={first[c]!r}" for c in [*keys, *shown])
+    raise AllocationLogError(f"{where}: {flagged.height} row(s) with {reason}; first: row "
+                             f"{first[_ROW] + 1} ({values})")
 
 
 # --- Episodes and the reward ----------------------------------------------------------------

@@ -152,9 +152,23 @@ def test_log_contract_names_what_is_wrong(tmp_path, two_sessions):
     two_sessions.drop("p_insert", "session_end").write_parquet(tmp_path / "allocations.parquet")
     with pytest.raises(AllocationLogError, match=r"missing columns \['p_insert', 'session_end'\]"):
         read_allocation_log(tmp_path)
-    bad = two_sessions.with_columns(action=pl.lit(2))
-    with pytest.raises(AllocationLogError, match="binary columns"):
+    bad = two_sessions.with_columns(
+        action=pl.when(pl.col("request_index") == 1).then(2).otherwise(pl.col("action")))
+    first = bad.with_row_index().filter(pl.col("action") == 2).row(0, named=True)
+    with pytest.raises(AllocationLogError, match=(
+            rf"2 row\(s\) with action outside \{{0, 1\}}; first: row {first['index'] + 1} "
+            rf"\(session_id='{first['session_id']}', request_index=1, action=2\)")):
         validate_allocation_frame(bad)
+    holes = two_sessions.with_columns(hour=pl.when(pl.col("request_index") == 0).then(None)
+                                      .otherwise(pl.col("hour")))
+    row = holes.with_row_index().filter(pl.col("hour").is_null()).row(0)[0] + 1
+    with pytest.raises(AllocationLogError, match=rf"with null hour; first: row {row} \("):
+        validate_allocation_frame(holes)
+    text = two_sessions.with_columns(pl.col("video_watch_time_s").cast(pl.String))
+    text = text.with_columns(video_watch_time_s=pl.when(pl.col("request_index") == 1)
+                             .then(pl.lit("12s")).otherwise(pl.col("video_watch_time_s")))
+    with pytest.raises(AllocationLogError, match=r"video_watch_time_s not Float64.*'12s'"):
+        validate_allocation_frame(text)
     dup = pl.concat([two_sessions, two_sessions.head(1)])
     with pytest.raises(AllocationLogError, match="duplicated"):
         validate_allocation_frame(dup)
