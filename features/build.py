@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from polars.io.plugins import register_io_source
+from tqdm import tqdm
 
 from features.encode import encode_examples
 from features.lake import scan_events
@@ -404,7 +405,9 @@ def write_bucketed(
     parts = staging / PARTS_DIR
     rows = dict.fromkeys(SPLITS, 0)
     by_bucket = partition_by_bucket(lake_dir, staging / BUCKETS_DIR, plan.buckets)
-    for bucket, files in sorted(by_bucket.items()):
+    buckets = tqdm(sorted(by_bucket.items()), desc="features: user buckets", unit="bucket",
+                   leave=False, disable=None)  # None: shown on a terminal only
+    for bucket, files in buckets:
         examples = make_examples(pl.read_ipc(files), plan.split_of, vocab, schema)
         for name, count in write_parts(examples, parts, bucket).items():
             rows[name] += count

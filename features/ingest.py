@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from tqdm import tqdm
 
 from features import lake
 from features.adapters import (
@@ -292,8 +293,10 @@ def ingest(
         with lake.writer_lock(Path(lake_dir)):
             staged = stage_input(source, input_path, lake_dir, quarantine_dir, config=config)
             try:
+                dates = tqdm(staged.days, desc="ingest: merge dates", unit="date",
+                             leave=False, disable=None)  # None: shown on a terminal only
                 merges = (merge_all(staged, staged.days) if merge_all is not None
-                          else [merge_partition(staged, day) for day in staged.days])
+                          else [merge_partition(staged, day) for day in dates])
             except BaseException:
                 discard(staged)
                 raise
@@ -377,6 +380,8 @@ def _stage_file(
     fields = adapter.fields(file.schema, fast=True)
     size = config.slice_rows_for(file.format)
     suspects = []
+    bar = tqdm(desc=f"ingest {file.path.name}", unit="rows", unit_scale=True, leave=False,
+               disable=None)  # None: shown on a terminal only
     for piece in itertools.count():
         suspect_path = staging / _SUSPECT / f"{index:05d}-{piece:06d}.parquet"
         rows, suspect_rows = _stage_slice(
@@ -384,9 +389,11 @@ def _stage_file(
             file, suspect_path, config, counts,
         )
         counts.input_rows += rows
+        bar.update(rows)
         suspects.append((suspect_path, suspect_rows))
         if rows < size:
             break
+    bar.close()
     for suspect_path, suspect_rows in suspects:
         _check_suspects(adapter, index, file, suspect_path, suspect_rows, config, counts)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
 from features.build import FeatureConfig, build_examples
 from features.schema import TaskSpec
@@ -46,7 +47,9 @@ def simulate_step(out_dir: Path, params: SimulateParams) -> dict:
     from simulation.simulator import simulate
 
     config = replace(SimulatorConfig(), n_users=params.users, days=params.days, seed=params.seed)
-    result = simulate(config)
+    with tqdm(total=config.days, desc=f"simulate {config.n_users:,} users", unit="day",
+              leave=False, disable=None) as bar:  # None: shown on a terminal only
+        result = simulate(config, on_day=lambda _: bar.update())
     written = write_simulation(result, out_dir, overwrite=True)
     return {"out_dir": str(out_dir), **written, "summary": result.summary()}
 

@@ -16,6 +16,7 @@ diverge, the same draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -162,8 +163,10 @@ class _Run:
 
 
 def simulate(config: SimulatorConfig,
-             allocation_policy: AllocationPolicy | None = None) -> SimulationResult:
-    """Run the simulation; `allocation_policy=None` rolls out `LoggingAllocationPolicy()`.
+             allocation_policy: AllocationPolicy | None = None,
+             on_day: Callable[[int], None] | None = None) -> SimulationResult:
+    """Run the simulation; `allocation_policy=None` rolls out `LoggingAllocationPolicy()`;
+    `on_day(day)` after each simulated day (a progress bar).
 
     Raises:
         ValueError: the world produced no session at all (too few users or days), so there
@@ -177,6 +180,8 @@ def simulate(config: SimulatorConfig,
     active = u0 < np.asarray(config.behaviour.initial_active_prob)[world.activity_group]
     for day in range(config.days):
         active = _simulate_day(run, day, active)
+        if on_day is not None:
+            on_day(day)
     if run.log.n_sessions == 0:
         raise ValueError(f"{config.n_users} users over {config.days} days started no session "
                          f"(world seed {config.seed}); simulate more users or days")
