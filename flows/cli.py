@@ -605,7 +605,8 @@ def cmd_ui(args: argparse.Namespace, workspace: Workspace) -> dict:
         "mlflow_url": f"http://127.0.0.1:{args.mlflow_port}",
         "mlflow_command": " ".join(mlflow_cmd),
         "prefect_url": f"http://127.0.0.1:{args.prefect_port}",
-        "prefect_command": f"PREFECT_HOME={workspace.prefect_home} " + " ".join(prefect_cmd),
+        "prefect_command": (f"PREFECT_HOME={workspace.prefect_home} "
+                            "PREFECT_SERVER_ANALYTICS_ENABLED=false " + " ".join(prefect_cmd)),
     }
     print(f"MLflow UI:  {summary['mlflow_command']}\n            then open {summary['mlflow_url']}")
     print(f"Prefect UI: {summary['prefect_command']}\n            then open "

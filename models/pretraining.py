@@ -323,7 +323,7 @@ def pretrain(data: UserSequences, config: PretrainConfig,
     step = 0
     show = config.progress and bool(stages) and (rank is None or rank.is_main)
     bar = tqdm(total=config.steps, desc=f"pretrain {config.method}", leave=False,
-               disable=not show, mininterval=1.0)
+               disable=not show or None, mininterval=1.0)
     for stage_index, (name, n_steps) in enumerate(stages):
         objective = build_objective(name, trained, config)
         if rank is not None:

@@ -113,7 +113,7 @@ def fit(
         batches = train.batches(batch_size, shuffle=config.shuffle, seed=seed)  # own order
         n_batches = train.n_batches(batch_size)
         bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not show, leave=False, mininterval=1.0)
+                   disable=not show or None, leave=False, mininterval=1.0)
         for batch in bar:
             if rank is not None:
                 batch = move_batch(batch, device)

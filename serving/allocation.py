@@ -118,27 +118,56 @@ def decide(allocator: LoadedAllocator, state: pd.DataFrame, item_id: int) -> dic
 
 def conform(state: pd.DataFrame, types: Mapping[str, str]) -> pd.DataFrame:
     """The one-row ``state`` with each column the allocator's signature types cast to that
-    type (missing columns are left for the allocator to name).
+    type.
 
     Raises:
-        ValueError: naming the field whose value is not a number of its kind.
+        ValueError: naming the request fields the allocator needs and did not get, or the
+            field whose value is not a number of its kind.
     """
+    missing = [request_field(column) for column in types if column not in state.columns]
+    if missing:
+        raise ValueError(f"the allocator needs {', '.join(missing)} (missing from the request)")
     out = state.copy()
     for column, kind in types.items():
-        if column not in out.columns or kind not in _NUMPY_TYPES:
+        if kind not in _NUMPY_TYPES:
             continue
         value = out.at[0, column]
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        whole = math.isfinite(number) and number == math.floor(number)
-        if kind in ("long", "integer") and not whole:
-            raise ValueError(f"the allocator needs a whole number for {column}, got {value!r}")
+        value = value.item() if isinstance(value, np.generic) else value  # shown as sent
+        number = _as_number(value)
         if not math.isfinite(number):
-            raise ValueError(f"the allocator needs a finite number for {column}, got {value!r}")
+            raise ValueError(f"the allocator needs a finite number for {request_field(column)}, "
+                             f"got {value!r}")
+        if kind in ("long", "integer") and not (number == math.floor(number)
+                                                 and abs(number) < 2**63):
+            raise ValueError(f"the allocator needs a whole number for {request_field(column)}, "
+                             f"got {value!r}")
         out[column] = np.asarray([number], dtype=_NUMPY_TYPES[kind])
     return out
+
+
+def request_field(column: str) -> str:
+    """Where a state column comes from in a ``/rank`` request (for messages)."""
+    if column in _FROM_THE_SERVER or column.startswith("candidate_score_"):
+        return column
+    if column.startswith("candidate_"):
+        return f"candidates[].features.{column.removeprefix('candidate_')}"
+    return f"context.session.{column}"
+
+
+_FROM_THE_SERVER = frozenset({
+    "user_id", "ts", "hour", "n_candidates", "candidate_item_id", "candidate_author_id",
+    "candidate_duration_s", "candidate_score"})
+"""State columns the server fills from the request itself (``allocation_state``)."""
+
+
+def _as_number(value: Any) -> float:
+    """``value`` as a float; NaN for what is not a number (text, booleans, null)."""
+    if isinstance(value, bool | np.bool_):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _probability(output: Any) -> float:

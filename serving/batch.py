@@ -50,7 +50,7 @@ def score_file(input_path: Path, output_path: Path, scorer: Scorer,
     predictions = np.zeros((rows.height, len(scorer.task_names)), np.float32)
     unknown = dict.fromkeys([*SPARSE_FEATURES, "history"], 0)
     chunks = range(0, rows.height, chunk_rows)
-    for start in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress,
+    for start in tqdm(chunks, desc="scoring", unit="chunk", disable=not progress or None,
                       leave=False):
         encoded = scorer.encode(rows.slice(start, chunk_rows))
         predictions[start:start + encoded.height] = scorer.predict_encoded(encoded)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -54,6 +54,17 @@ def _number(value: object) -> int | float:
 
 
 Number = Annotated[int | float, PlainValidator(_number)]
+
+
+def _allocator_value(value: object) -> object:
+    """A JSON scalar for the allocator's state: checked by the allocator path, which makes
+    the allocation (never the ranking) unavailable for a value it cannot take."""
+    if isinstance(value, dict | list):
+        raise ValueError("must be a number, not an object or a list")
+    return value
+
+
+AllocatorValue = Annotated[Any, PlainValidator(_allocator_value)]
 ItemType = Literal[ITEM_TYPES]  # type: ignore[valid-type]  # ("video", "live")
 BehaviorName = Literal[tuple(name for name in BEHAVIOR_CODES if name != "padding")]  # type: ignore[valid-type]
 
@@ -79,7 +90,7 @@ class Candidate(_Strict):
     position: Annotated[StrictInt, Field(ge=0, le=1_000_000)] | None = None
     """Feed slot the item would be shown at; null counts as 0 (as in training). Leave it out
     to score every candidate position-neutrally."""
-    features: dict[str, Number] = Field(default_factory=dict, max_length=64)
+    features: dict[str, AllocatorValue] = Field(default_factory=dict, max_length=64)
     """Numeric state of this candidate for the live-stream allocator, sent to it as
     ``candidate_<name>`` (e.g. ``{"popularity": 0.4}``); ignored by the ranker."""
 
@@ -99,7 +110,7 @@ class Context(_Strict):
     """Request time, ISO 8601 (no offset = UTC); default: now. The model reads its UTC hour."""
     hour: Annotated[StrictInt, Field(ge=0, le=23)] | None = None
     """UTC hour of day, when ``ts`` is not given (must agree with ``ts`` when both are)."""
-    session: dict[str, Number] = Field(default_factory=dict)
+    session: dict[str, AllocatorValue] = Field(default_factory=dict, max_length=64)
     """Numeric session state for the live-stream allocator (e.g. ``request_index``,
     ``session_watch_time_s``, ``activity_group``); the ranker does not read it."""
 

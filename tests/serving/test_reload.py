@@ -254,7 +254,17 @@ def test_allocator_registered_later_is_loaded_and_decides(switching, body):
             missing = client.post("/rank", json={**live, "context": body["context"]})
             assert missing.status_code == 200 and missing.json()["ranked"]
             assert missing.json()["allocation"]["available"] is False
-            assert "request_index" in missing.json()["allocation"]["reason"]
+            assert missing.json()["allocation"]["reason"].startswith(
+                "the allocator needs context.session.activity_group, "
+                "context.session.request_index")
+            assert "candidates[].features.popularity" in missing.json()["allocation"]["reason"]
+            # a value it cannot take (text) names the field; the ranking still succeeds
+            text = client.post("/rank", json={**live, "context": {
+                **live["context"], "session": {**SESSION, "activity_group": "high"}}})
+            assert text.status_code == 200 and text.json()["ranked"]
+            assert text.json()["allocation"]["reason"] == (
+                "the allocator needs a finite number for context.session.activity_group, "
+                "got 'high'")
             # JSON numbers of either kind, a candidate's own features, an unknown author
             loose = {**SESSION, "session_watch_time_s": 240, "activity_group": 2.0}
             del loose["candidate_popularity"]
@@ -270,7 +280,8 @@ def test_allocator_registered_later_is_loaded_and_decides(switching, body):
             half = client.post("/rank", json={**live, "context": {
                 **live["context"], "session": {**SESSION, "activity_group": 1.5}}}).json()
             assert half["allocation"]["available"] is False and half["ranked"]
-            assert "whole number for activity_group" in half["allocation"]["reason"]
+            assert half["allocation"]["reason"] == (
+                "the allocator needs a whole number for context.session.activity_group, got 1.5")
             allocator = client.get("/models").json()["models"][1]
             assert allocator["loaded"] is True and allocator["version"] == version
             # a new allocator version that cannot load never replaces the working one
