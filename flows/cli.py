@@ -69,15 +69,14 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # first, before the parser imports prefect (which reads its settings once, at import)
-    Workspace.from_env(home_argument(argv)).configure_environment()
-    parser = build_parser()
+    parser = build_parser()  # imports no Prefect (a test checks): it is configured below
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help (0), or a bad option (2; argparse printed which)
         return int(done.code or 0)
     try:
         workspace = Workspace.from_env(args.home).create()
+        workspace.configure_environment()
         summary = run_command(args, workspace)
     except (UserError, WorkspaceBusyError, ValueError, OSError) as error:
         # ValueError: IngestError, FeatureBuildError, bad configs; OSError: a path given
@@ -91,13 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json_line(summary))
     return 0
-
-
-def home_argument(argv: list[str] | None) -> str | None:
-    """The ``--home`` of a command line, read without the full parser (None: not given)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--home")
-    return parser.parse_known_args(argv)[0].home
 
 
 def json_line(summary: dict) -> str:
@@ -292,7 +284,7 @@ def add_nightly_options(parser: argparse.ArgumentParser) -> None:
 
 def add_partition_options(parser: argparse.ArgumentParser, default: str | None) -> None:
     """Where the per-date partition tasks run (flows.partitions)."""
-    from flows.partitions import RUNNERS
+    from flows.runners import RUNNERS
 
     parser.add_argument("--runner", choices=RUNNERS, default=default,
                         help="run the per-date partition work as Prefect mapped tasks on "
@@ -314,9 +306,17 @@ def partition_runner(args: argparse.Namespace) -> PartitionRunner | None:
 
 def nightly_parameters(args: argparse.Namespace, workspace: Workspace) -> dict:
     """``add_nightly_options`` arguments as the nightly flow's parameters."""
+    from features.build import FeatureConfig
+
     if args.input is None and args.source != "simulator":
         raise UserError(f"--source {args.source} needs --input (only the simulator makes its "
                         "own logs)")
+    split = FeatureConfig()
+    needed = split.valid_days + split.test_days + 1
+    if args.input is None and args.days < needed:
+        raise UserError(f"--days {args.days}: the time split needs at least {needed} simulated "
+                        f"days ({split.valid_days} valid and {split.test_days} test after "
+                        "training days)")
     return {
         "home": str(workspace.root), "source": args.source,
         "input_path": str(args.input.resolve()) if args.input else None,
@@ -398,12 +398,18 @@ def cmd_features(args: argparse.Namespace, workspace: Workspace) -> dict:
 
 def cmd_train_ranker(args: argparse.Namespace, workspace: Workspace) -> dict:
     from flows.steps import RankerJob, register_step, train_ranker_step
+    from models.distributed import per_rank_batch
 
     if args.rank_job is not None:  # one torchrun rank of `--nproc N`
         return run_train_ranker_rank(args.rank_job, workspace)
+    distributed = is_distributed(args)
+    if distributed and args.nnodes == "1":  # refused here, not after starting the ranks
+        try:
+            per_rank_batch(args.batch_size, args.nproc)
+        except ValueError as error:
+            raise UserError(f"--batch-size with --nproc {args.nproc}: {error}") from None
     if not (workspace.examples / "train.parquet").exists():
         raise UserError(f"no examples in {workspace.examples}; run `recpipe features` first")
-    distributed = is_distributed(args)
     embedding_optimizer = args.embedding_optimizer or default_embedding_optimizer(distributed)
     job = RankerJob(
         ranker={"arch": args.arch, "inputs": {"history_pooling": args.history_pooling}},
@@ -455,9 +461,12 @@ def run_train_ranker_rank(spec_file: Path, workspace: Workspace) -> dict:
 
 
 def cmd_nightly(args: argparse.Namespace, workspace: Workspace) -> dict:
+    parameters = nightly_parameters(args, workspace)
+    with workspace.exclusive_run("recpipe nightly, checking the workspace is free"):
+        pass  # busy: stop at once, before a Prefect server or a flow run (the flow locks too)
     from flows.nightly import nightly
 
-    summary = nightly(**nightly_parameters(args, workspace))
+    summary = nightly(**parameters)
     reused = [name for name, state in summary["task_states"].items() if state == "Cached"]
     if reused:
         print(f"reused (parameters and inputs unchanged; --fresh reruns): {', '.join(reused)}")
@@ -545,8 +554,14 @@ def cmd_ab(args: argparse.Namespace, workspace: Workspace) -> dict:
 
 def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
     from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
-    CronSchedule(cron=args.cron, timezone=args.timezone)  # ValueError (exit 2) before a server
+    try:  # before a server is started
+        CronSchedule(cron=args.cron, timezone=args.timezone)
+    except ValidationError as error:
+        raise UserError("; ".join(f"--{problem['loc'][0]} {getattr(args, problem['loc'][0])!r}: "
+                                  f"{problem['msg'].removeprefix('Value error, ')}"
+                                  for problem in error.errors())) from None
     parameters = nightly_parameters(args, workspace)
     api_url = ensure_prefect_server(workspace, args.port)
     os.environ["PREFECT_API_URL"] = api_url  # for the flow-run processes serve starts

@@ -69,6 +69,10 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
 
     mlflow.set_tracking_uri(workspace.tracking_uri)
     name = job.model_name
+    registered = [model.name for model in mlflow.MlflowClient().search_registered_models()]
+    if name not in registered:
+        raise ValueError(f"no registered model named {name!r} in {workspace.tracking_uri} "
+                         f"(registered: {sorted(registered) or 'none yet'})")
     challenger = resolve_version(name, job.challenger)
     champion = resolve_version(name, job.champion)
     for role, ref, version in (("challenger", job.challenger, challenger),

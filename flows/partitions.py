@@ -21,8 +21,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from features.ingest import PartitionMerge, StagedIngest, ingest, merge_partition
-
-RUNNERS = ("threads", "dask")
+from flows.runners import RUNNERS
 
 
 @task(name="merge-partition", retries=1, retry_delay_seconds=2)

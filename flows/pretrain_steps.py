@@ -302,6 +302,10 @@ def cmd_pretrain(args: argparse.Namespace, workspace: Workspace) -> dict:
         raise UserError(f"--users-table {args.users_table}: no such file (a simulator "
                         "users.parquet)")
     distributed = is_distributed(args)
+    if distributed and args.nnodes == "1" and args.batch_size // args.nproc < 2:
+        raise UserError(f"--batch-size {args.batch_size} over --nproc {args.nproc} leaves "
+                        "fewer than 2 users per rank; in-batch negatives need 2 (raise "
+                        "--batch-size)")
     overrides = {
         "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
         "seed": args.seed,

@@ -104,10 +104,11 @@ class Workspace:
         return self.root / "run.holder"
 
     def run_lock_holder(self) -> str:
-        """Who took the run lock last (JSON: what, pid, since), or "unknown"."""
+        """Who took the run lock last, as "<what> (pid P, since T)", or "unknown"."""
         try:
-            return self.run_lock_holder_file.read_text().strip() or "unknown"
-        except OSError:
+            holder = json.loads(self.run_lock_holder_file.read_text())
+            return f"{holder['what']} (pid {holder['pid']}, since {holder['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
             return "unknown"
 
     @contextmanager

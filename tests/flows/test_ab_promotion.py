@@ -144,8 +144,13 @@ def test_recpipe_ab_user_errors(store, capsys, tmp_path):
     from flows.cli import main
 
     workspace, _ = store
-    assert main(["ab", "--home", str(workspace.root), "--model", "no-such-model"]) == 2
-    assert "has no challenger" in capsys.readouterr().err
+    registered(store, "ab-errors")
+    assert main(["ab", "--home", str(workspace.root), "--model", "ab-error"]) == 2
+    error = capsys.readouterr().err
+    assert "no registered model named 'ab-error'" in error and "'ab-errors'" in error
+    assert main(["ab", "--home", str(workspace.root), "--model", "ab-errors",
+                 "--challenger", "7"]) == 2
+    assert "ab-errors has no challenger '7'" in capsys.readouterr().err
     assert main(["ab", "--home", str(tmp_path / "empty")]) == 2
     assert "no MLflow store" in capsys.readouterr().err
     assert main(["ab", "--home", str(workspace.root), "--live-share-cap", "0.2"]) == 2

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from flows.cli import USER_ERROR_EXIT, main
-from tests.conftest import run_json
+from tests.conftest import REPO_ROOT, run_json
 
 
 @pytest.fixture
@@ -125,6 +125,10 @@ def test_every_command_has_help_and_json(command, capsys):
     (["schedule", "--timezone", "Mars/Base"], "timezone"),
     (["schedule", "--source", "kuairand"], "--input"),
     (["nightly", "--source", "kuairand"], "--input"),
+    (["nightly", "--days", "2"], "--days 2: the time split needs at least 3"),  # before Prefect
+    # refused before torchrun starts any rank
+    (["train-ranker", "--nproc", "2", "--batch-size", "3"], "--batch-size with --nproc 2"),
+    (["pretrain", "--nproc", "4", "--batch-size", "6"], "fewer than 2 users per rank"),
 ])
 def test_an_option_out_of_range_exits_2_naming_it(home, capsys, argv, named):
     assert main(argv) == USER_ERROR_EXIT
@@ -137,3 +141,16 @@ def test_a_home_that_is_a_file_exits_2_naming_it(tmp_path, capsys):
     not_a_folder.write_text("")
     assert main(["ui", "--home", str(not_a_folder)]) == USER_ERROR_EXIT
     assert str(not_a_folder) in capsys.readouterr().err
+
+
+def test_the_parser_imports_no_prefect_before_the_workspace_configures_it():
+    """Prefect reads its settings (home, API URL, timeouts) once, at import: the CLI must
+    parse its arguments and point Prefect at the workspace before anything imports it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from flows.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('prefect', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=REPO_ROOT).stdout
+    assert out.strip() == "[]"
