@@ -38,7 +38,7 @@ def test_a_second_nightly_run_stops_naming_the_holder_and_writes_nothing(
         holder, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     home = tmp_path / "ws"
-    code = main(["nightly", "--home", str(home), "--users", "30", "--days", "2"])
+    code = main(["nightly", "--home", str(home), "--users", "30", "--days", "3"])
     assert code == USER_ERROR_EXIT
     error = capsys.readouterr().err
     assert "is busy" in error and "a test holder" in error and f"{holder.pid}" in error
@@ -91,7 +91,7 @@ def test_two_real_nightly_runs_started_together(tmp_path, monkeypatch, capsys):
             assert first.poll() is None and time.monotonic() < deadline, "no lock taken"
             time.sleep(0.5)
         assert main(["nightly", "--home", str(workspace.root), "--users", "30",
-                     "--days", "2"]) == USER_ERROR_EXIT
+                     "--days", "3"]) == USER_ERROR_EXIT
         error = capsys.readouterr().err
         assert "is busy" in error and "recpipe-nightly flow run" in error
         assert f"{first.pid}" in error
