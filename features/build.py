@@ -267,6 +267,31 @@ def profile_lake(lake_dir: Path) -> pl.DataFrame:
     return counts.sort("hour").collect(engine="streaming")
 
 
+def lake_origins(lake_dir: Path) -> dict[str, int]:
+    """Events per origin, from one streaming pass: the ``source`` of the events, and for the
+    simulator its world (event ids ``sim<seed>-...``: ``simulator sim3``)."""
+    world = pl.col("event_id").str.extract(r"^(sim\d+)-", 1)
+    origin = (pl.when(pl.col("source") == "simulator")
+              .then(pl.concat_str(pl.lit("simulator "), world.fill_null("?")))
+              .otherwise(pl.col("source")).alias("origin"))
+    counts = (scan_events(lake_dir).select(origin).group_by("origin").agg(pl.len())
+              .collect(engine="streaming"))
+    return dict(sorted(counts.iter_rows()))
+
+
+def check_one_origin(lake_dir: Path) -> None:
+    """FeatureBuildError when the lake holds events of more than one origin (two sources, or
+    two simulated worlds): their ids and dates collide (user 7 of one log is not user 7 of
+    the other), so examples built from both would mean nothing, silently."""
+    origins = lake_origins(lake_dir)
+    if len(origins) > 1:
+        found = ", ".join(f"{name} ({rows:,} events)" for name, rows in origins.items())
+        raise FeatureBuildError(
+            f"{lake_dir}: the lake mixes logs that cannot be trained on together: {found}; "
+            "their user and item ids collide. Give each log its own workspace (--home), or "
+            "remove the other from lake/events")
+
+
 def merge_windows(hours: pl.DataFrame, limit: int) -> list[Window]:
     """Cut consecutive hours into ts ranges of at most ``limit`` rows each (an hour over the
     limit is a range of its own).
@@ -445,6 +470,7 @@ def build_examples(
     hours = profile_lake(lake_dir)
     if hours.height == 0:
         raise FeatureBuildError(f"{lake_dir}: the lake holds no events; run `recpipe ingest`")
+    check_one_origin(lake_dir)
     plan = plan_build(hours, config)
     vocab = fit_vocabulary(lake_dir, plan.dates["train"])
     schema = ExampleSchema(

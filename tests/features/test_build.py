@@ -152,6 +152,25 @@ def tiny_lake(tmp_path, tiny_events) -> Path:
     return write_lake(events, tmp_path / "lake")
 
 
+@pytest.mark.parametrize(("other", "named"), [
+    ({"source": "kuairand"}, "canonical (1,200 events), kuairand (1,200 events)"),
+    ({"source": "simulator", "event_id": "sim1-row"}, "simulator sim1"),
+])
+def test_a_lake_mixing_two_logs_is_refused_naming_them(tmp_path, tiny_events, other, named):
+    """Two logs in one lake (another source, or another simulated world) share ids and dates:
+    examples built from both would mean nothing, so the build refuses and writes nothing."""
+    first = tiny_events if other["source"] != "simulator" else tiny_events.with_columns(
+        source=pl.lit("simulator"), event_id=pl.concat_str(pl.lit("sim0-row"), "event_id"))
+    second = tiny_events.with_columns(
+        source=pl.lit(other["source"]),
+        event_id=pl.concat_str(pl.lit(other.get("event_id", "k")), "event_id"))
+    lake = write_lake(pl.concat([first, second]), tmp_path / "lake")
+    with pytest.raises(FeatureBuildError, match="mixes logs") as refused:
+        build_examples(lake, tmp_path / "examples")
+    assert named in str(refused.value) and "--home" in str(refused.value)
+    assert not (tmp_path / "examples").exists()
+
+
 @pytest.mark.parametrize("max_rows", [2_000_000, 100])
 def test_bucketed_build_writes_exactly_the_whole_lake_build(tiny_lake, tmp_path, max_rows):
     out = tmp_path / "examples"
