@@ -107,11 +107,34 @@ def normalize_rows(frame: pl.DataFrame, where: str = "input") -> pl.DataFrame:
         else:
             casts.append(column.cast(dtype, strict=True))
     try:
-        frame = frame.with_columns(casts)
+        cast = frame.with_columns(casts)
     except pl.exceptions.PolarsError as error:
-        raise RowsError(f"{where}: a column has the wrong type: {error}") from error
-    _check_values(frame, where)
-    return frame
+        raise RowsError(_cast_problem(frame, where)
+                        or f"{where}: a column has the wrong type: {error}") from error
+    _check_values(cast, where)
+    return cast
+
+
+def _cast_problem(frame: pl.DataFrame, where: str) -> str | None:
+    """The first column whose values do not convert to ``RAW_DTYPES``: how many rows, the
+    first of them and its value (None when no single value is to blame)."""
+    for name, dtype in RAW_DTYPES.items():
+        original = pl.col(name)
+        if name == "ts" and frame.schema[name] == pl.String:
+            converted = original.str.to_datetime(time_zone="UTC", time_unit="us", strict=False)
+        elif name == "ts" or name == "item_type":
+            continue
+        else:
+            converted = original.cast(dtype, strict=False)
+        try:
+            count, first = _first_bad(frame, converted.is_null() & original.is_not_null())
+        except pl.exceptions.PolarsError:  # not even loosely convertible: the column's type
+            return f"{where}: column {name} is {frame.schema[name]}, it must be {dtype}"
+        if count:
+            kind = "an ISO 8601 datetime" if name == "ts" else dtype
+            return (f"{where}: {count} row(s) with {name} not {kind}; first at row {first}: "
+                    f"{name}={frame.get_column(name)[first]!r}")
+    return None
 
 
 def _utc_expr(dtype: pl.DataType, where: str) -> pl.Expr:
