@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -563,7 +564,7 @@ def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
                                   f"{problem['msg'].removeprefix('Value error, ')}"
                                   for problem in error.errors())) from None
     parameters = nightly_parameters(args, workspace)
-    api_url = ensure_prefect_server(workspace, args.port)
+    api_url, started = ensure_prefect_server(workspace, args.port)
     os.environ["PREFECT_API_URL"] = api_url  # for the flow-run processes serve starts
     from prefect.schedules import Cron
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -573,20 +574,27 @@ def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
     print(f"serving deployment recpipe-nightly/nightly on {api_url} "
           f"with cron {args.cron!r} ({args.timezone}); Ctrl-C stops")
     # this process imported prefect already: its settings must be told, not the environment
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        nightly.serve(name="nightly", schedules=[Cron(args.cron, timezone=args.timezone)],
-                      parameters=parameters)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            nightly.serve(name="nightly", schedules=[Cron(args.cron, timezone=args.timezone)],
+                          parameters=parameters)
+    finally:
+        if started is not None:  # a server this command started ends with it
+            os.killpg(started.pid, signal.SIGTERM)
+            started.wait(timeout=30)
     return {"api_url": api_url, "cron": args.cron, "timezone": args.timezone}
 
 
-def ensure_prefect_server(workspace: Workspace, port: int, timeout_s: float = 120.0) -> str:
-    """Return the API URL of a healthy Prefect server, starting one in the background (logs
-    in ``<home>/prefect/server.log``) when none answers at ``$PREFECT_API_URL`` or the port."""
+def ensure_prefect_server(workspace: Workspace, port: int, timeout_s: float = 120.0
+                          ) -> tuple[str, subprocess.Popen | None]:
+    """The API URL of a healthy Prefect server, and the server process when this started one
+    in the background (its own process group; logs in ``<home>/prefect/server.log``) because
+    none answered at ``$PREFECT_API_URL`` or the port, else None."""
     api_url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
     if answers_health(api_url):
-        return api_url
+        return api_url, None
     log = (workspace.prefect_home / "server.log").open("ab")
-    subprocess.Popen(
+    server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
          "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -595,8 +603,9 @@ def ensure_prefect_server(workspace: Workspace, port: int, timeout_s: float = 12
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if answers_health(api_url):
-            return api_url
+            return api_url, server
         time.sleep(1.0)
+    os.killpg(server.pid, signal.SIGTERM)
     raise UserError(f"the Prefect server did not answer at {api_url} within {timeout_s:.0f} s; "
                     f"see {workspace.prefect_home / 'server.log'}")
 
