@@ -573,6 +573,8 @@ def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
 
     print(f"serving deployment recpipe-nightly/nightly on {api_url} "
           f"with cron {args.cron!r} ({args.timezone}); Ctrl-C stops")
+    # SIGTERM (a service manager stopping it) ends it like Ctrl-C: through the finally below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # this process imported prefect already: its settings must be told, not the environment
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):

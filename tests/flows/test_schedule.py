@@ -120,3 +120,27 @@ def test_the_cron_schedule_fires_a_nightly_run_on_a_real_prefect_server(tmp_path
     mlflow.set_tracking_uri(workspace.tracking_uri)
     versions = MlflowClient().search_model_versions("name='recpipe-ranker'")
     assert [int(v.version) for v in versions] == [1]
+
+
+@pytest.mark.slow
+def test_a_server_the_schedule_started_stops_with_it(tmp_path):
+    """No server answering: `recpipe schedule` starts one on the workspace's Prefect home and
+    serves on it; stopped (SIGTERM, as a service manager does), it takes that server along."""
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("PREFECT_API_URL", "PREFECT_HOME")}, "HOME": str(tmp_path)}
+    workspace = Workspace(tmp_path / "ws")
+    log = tmp_path / "schedule.log"
+    schedule = start([sys.executable, "-m", "flows.cli", "schedule", "--home",
+                      str(workspace.root), "--port", str(port), "--cron", "0 3 * * *"], log, env)
+    try:
+        wait_until(lambda: answers_health(api_url) and "being served" in log.read_text(),
+                   180, "the schedule did not start its server and serve", [log])
+        schedule.send_signal(signal.SIGTERM)
+        schedule.wait(timeout=60)
+        wait_until(lambda: not answers_health(api_url), 30, "its server still answers", [log])
+        assert (workspace.prefect_home / "server.log").exists()
+    finally:
+        if schedule.poll() is None:
+            stop(schedule)
