@@ -471,20 +471,28 @@ def cmd_nightly(args: argparse.Namespace, workspace: Workspace) -> dict:
     reused = [name for name, state in summary["task_states"].items() if state == "Cached"]
     if reused:
         print(f"reused (parameters and inputs unchanged; --fresh reruns): {', '.join(reused)}")
+
+    def then(task: str) -> str:  # a reused task's report is that earlier run's, not news
+        return " [reused: reported by the earlier run]" if task in reused else ""
+
     if "pretrain" in summary:
         pre = summary["pretrain"]
         reg = pre["registered"]
         print(f"pretrained {pre['method']}: {pre['users_embedded']} users embedded; "
-              f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
+              f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}"
+              + then("pretrain-user-encoder"))
     print_metrics(summary["train_ranker"]["metrics"])
     reg = summary["register"]
-    print(f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}")
+    print(f"registered {reg['name']} v{reg['version']} as {', '.join(reg['aliases'])}"
+          + then("register-ranker"))
     for key, what in (("ab", "ranker"), ("allocator_ab", "allocator")):
         if key in summary:
             print(f"{what} offline A/B ({summary[key]['status']}): {summary[key]['message']}")
             summary[key] = {k: v for k, v in summary[key].items() if k != "markdown"}
     if "train_allocator" in summary:
         print_allocator_summary(summary["train_allocator"])
+        if then("train-allocator"):
+            print(f"train-allocator{then('train-allocator')}")
     print("review: `recpipe ui` prints how to open MLflow and Prefect on this workspace")
     return summary
 
@@ -649,12 +657,15 @@ def cmd_ui(args: argparse.Namespace, workspace: Workspace) -> dict:
 
 
 def print_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> None:
-    print(f"{'split':<6} {'task':<11} {'AUC':>7} {'GAUC':>7} {'logloss':>8}")
+    """Binary tasks: AUC, GAUC, logloss; regression tasks (watch time): RMSE of log1p."""
+    print(f"{'split':<6} {'task':<11} {'AUC':>7} {'GAUC':>7} {'logloss':>8} {'RMSE log':>8}")
     for split, tasks in metrics.items():
         for task, values in tasks.items():
             if "auc" in values:
                 print(f"{split:<6} {task:<11} {values['auc']:7.4f} {values['gauc']:7.4f} "
                       f"{values['logloss']:8.4f}")
+            elif "rmse_log" in values:
+                print(f"{split:<6} {task:<11} {'':>7} {'':>7} {'':>8} {values['rmse_log']:8.4f}")
 
 
 if __name__ == "__main__":

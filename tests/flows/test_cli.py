@@ -154,3 +154,14 @@ def test_the_parser_imports_no_prefect_before_the_workspace_configures_it():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, cwd=REPO_ROOT).stdout
     assert out.strip() == "[]"
+
+
+def test_the_metrics_table_shows_regression_tasks_too(capsys):
+    from flows.cli import print_metrics
+
+    print_metrics({"test": {"click": {"auc": 0.61, "gauc": 0.55, "logloss": 0.42},
+                            "watch_time": {"rmse_log": 1.234, "n": 10}}})
+    header, click, watch = capsys.readouterr().out.splitlines()
+    assert header.split()[-2:] == ["RMSE", "log"]
+    assert click.split() == ["test", "click", "0.6100", "0.5500", "0.4200"]
+    assert watch.split() == ["test", "watch_time", "1.2340"]
