@@ -22,7 +22,9 @@ class Store:
 
     @classmethod
     def from_env(cls) -> Store:
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        """``$RECPIPE_TRACKING_URI`` (as every ``recpipe`` command reads it), else
+        ``$MLFLOW_TRACKING_URI``, else the SQLite store of ``$RECPIPE_HOME`` (./workspace)."""
+        uri = os.environ.get("RECPIPE_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
         if uri:
             return cls(uri)
         home = Path(os.environ.get("RECPIPE_HOME") or "workspace").expanduser().resolve()

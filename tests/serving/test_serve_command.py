@@ -94,3 +94,16 @@ def test_listening_socket_is_tcp_so_responses_are_not_delayed():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_python_m_serving_reads_the_tracking_uri_as_recpipe_does(monkeypatch, tmp_path):
+    from serving.__main__ import Store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow-fallback:5000")
+    monkeypatch.setenv("RECPIPE_TRACKING_URI", "http://mlflow.internal:5000")
+    assert Store.from_env().tracking_uri == "http://mlflow.internal:5000"
+    monkeypatch.delenv("RECPIPE_TRACKING_URI")
+    assert Store.from_env().tracking_uri == "http://mlflow-fallback:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("RECPIPE_HOME", str(tmp_path / "ws"))
+    assert Store.from_env().tracking_uri == f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}"
