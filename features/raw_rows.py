@@ -73,7 +73,7 @@ def normalize_rows(frame: pl.DataFrame, where: str = "input") -> pl.DataFrame:
     ``duration_s`` and ``position`` null, empty history (as is a null history cell: an
     empty CSV cell, a null Parquet list); a missing ``hist_behavior`` next to
     a ``hist_item_id`` means "impression" for every entry. Raises ``RowsError`` naming the
-    column and the first bad row.
+    column and the first bad row (rows count from 1, as in ingest and allocation logs).
     """
     missing = [name for name in REQUIRED_COLUMNS if name not in frame.columns]
     if missing:
@@ -132,8 +132,8 @@ def _cast_problem(frame: pl.DataFrame, where: str) -> str | None:
             return f"{where}: column {name} is {frame.schema[name]}, it must be {dtype}"
         if count:
             kind = "an ISO 8601 datetime" if name == "ts" else dtype
-            return (f"{where}: {count} row(s) with {name} not {kind}; first at row {first}: "
-                    f"{name}={frame.get_column(name)[first]!r}")
+            return (f"{where}: {count} row(s) with {name} not {kind}; first at row "
+                    f"{first + 1}: {name}={frame.get_column(name)[first]!r}")
     return None
 
 
@@ -180,4 +180,5 @@ def _check_values(frame: pl.DataFrame, where: str) -> None:
         if count:
             value = frame.row(first, named=True)
             shown = {k: value[k] for k in RAW_INPUT_COLUMNS if k in value}
-            raise RowsError(f"{where}: {count} row(s) with {what}; first at row {first}: {shown}")
+            raise RowsError(f"{where}: {count} row(s) with {what}; first at row {first + 1}: "
+                            f"{shown}")

@@ -112,10 +112,10 @@ def frame(**columns) -> pl.DataFrame:
 
 @pytest.mark.parametrize(("rows", "fragment"), [
     (pl.DataFrame({"user_id": [1], "item_id": [2]}), "missing column(s) ['ts']"),
-    (frame(item_id=[3, None]), "1 row(s) with null item_id; first at row 1"),
-    (frame(user_id=["1", "b"]), "1 row(s) with user_id not Int64; first at row 1: user_id='b'"),
+    (frame(item_id=[3, None]), "1 row(s) with null item_id; first at row 2"),
+    (frame(user_id=["1", "b"]), "1 row(s) with user_id not Int64; first at row 2: user_id='b'"),
     (frame(ts=["2026-01-03T09:00:00Z", "later"]),
-     "1 row(s) with ts not an ISO 8601 datetime; first at row 1: ts='later'"),
+     "1 row(s) with ts not an ISO 8601 datetime; first at row 2: ts='later'"),
     (frame(author_id=[[1], [2]]), "column author_id is List(Int64), it must be Int64"),
     (frame(item_type=["video", "story"]), "item_type not one of ['video', 'live']"),
     (frame(duration_s=[1.0, float("nan")]), "duration_s is NaN"),
