@@ -181,3 +181,54 @@ def test_a_deleted_lake_is_rebuilt_not_taken_from_the_cache(tmp_path):
     schema = json.loads((home / "lake" / "examples" / "schema.json").read_text())["schema"]
     assert schema["history_length"] == 20
     assert third["task_states"]["train-ranker"] == "Cached"
+
+
+def running_ranker_runs(db: Path) -> int:
+    """RUNNING runs of recpipe-rankers in the MLflow SQLite file (read-only, as above)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute(
+                "SELECT count(*) FROM runs JOIN experiments USING (experiment_id) "
+                "WHERE experiments.name = 'recpipe-rankers' AND runs.status = 'RUNNING'"
+            ).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_nightly_killed_while_training_resumes_and_closes_the_abandoned_run(tmp_path):
+    """Killed inside train-ranker (its MLflow run open): the next night trains again, marks
+    the abandoned run KILLED (it would read RUNNING forever) and registers exactly once."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.nightly import nightly
+
+    night = {**TINY_NIGHT, "users": 300, "epochs": 4}
+    killed = Workspace(tmp_path / "killed")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "nightly", "--home", str(killed.root),
+         *TINY_NIGHT_ARGS, "--users", "300", "--epochs", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not running_ranker_runs(killed.mlflow_db):
+            assert process.poll() is None and time.monotonic() < deadline, "no training seen"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert registered_versions(killed.mlflow_db) == 0  # killed before registration
+
+    with prefect_test_harness(server_startup_timeout=90):
+        resumed = nightly(home=str(killed.root), **night)
+    assert resumed["task_states"]["train-ranker"] == "Completed"  # not cached: it never ended
+    mlflow.set_tracking_uri(killed.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["recpipe-rankers"], output_format="list")
+    assert sorted(run.info.status for run in runs) == ["FINISHED", "KILLED"]
+    abandoned = next(run for run in runs if run.info.status == "KILLED")
+    assert "ended without closing" in abandoned.data.tags["recpipe.abandoned"]
+    versions = MlflowClient().search_model_versions("name='recpipe-ranker'")
+    assert [int(v.version) for v in versions] == [1]
