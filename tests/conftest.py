@@ -140,3 +140,18 @@ def assert_reproduces_test_metrics(ranker, examples: Path, expected: dict) -> No
         for name, value in values.items():
             assert again[task][name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), \
                 (task, name)
+
+
+def simulated_workspace(root: Path, users: int = 80, days: int = 4, seed: int = 5):
+    """A workspace whose lake and examples hold a simulated world (simulate → ingest →
+    features), its simulator output in ``raw/simulator-seed<seed>``; 80 users over 4 days
+    give ~5k training rows with learnable signal."""
+    from flows.steps import SimulateParams, features_step, ingest_step, simulate_step
+    from flows.workspace import Workspace
+
+    workspace = Workspace(root / "ws").create()
+    raw = workspace.raw / f"simulator-seed{seed}"
+    simulate_step(raw, SimulateParams(users=users, days=days, seed=seed))
+    ingest_step("simulator", raw, workspace)
+    features_step(workspace)
+    return workspace

@@ -7,20 +7,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.cli import TRAINING_FAILED_EXIT, main
-from flows.steps import SimulateParams, features_step, ingest_step, simulate_step
 from flows.workspace import Workspace
+from tests.conftest import simulated_workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_thread")]
 
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> Workspace:
-    workspace = Workspace(tmp_path_factory.mktemp("diverge") / "ws").create()
-    raw = workspace.raw / "simulator-seed5"
-    simulate_step(raw, SimulateParams(users=80, days=4, seed=5))
-    ingest_step("simulator", raw, workspace)
-    features_step(workspace)
-    return workspace
+    return simulated_workspace(tmp_path_factory.mktemp("diverge"))
 
 
 @pytest.mark.parametrize("argv", [

@@ -21,10 +21,6 @@ import torch
 from flows.cli import ranker_rank_job
 from flows.steps import (
     RankerJob,
-    SimulateParams,
-    features_step,
-    ingest_step,
-    simulate_step,
     train_ranker_step,
 )
 from flows.torchrun import launch
@@ -42,7 +38,7 @@ from models.losses import MultiTaskLoss
 from models.rankers import RankerConfig, build_ranker
 from models.registry import load_ranker
 from models.training import TrainConfig, make_optimisers
-from tests.conftest import run_json
+from tests.conftest import run_json, simulated_workspace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -229,12 +225,7 @@ def test_two_cpu_ranks_compute_what_one_process_computes(workspace):
 def simulated(tmp_path_factory) -> Workspace:
     """A simulated world with learnable signal (the parity log above has too little for
     metric comparisons to mean anything): ~5k training rows."""
-    workspace = Workspace(tmp_path_factory.mktemp("simulated") / "ws").create()
-    raw = workspace.raw / "simulator"
-    simulate_step(raw, SimulateParams(users=80, days=4, seed=5))
-    ingest_step("simulator", raw, workspace)
-    features_step(workspace)
-    return workspace
+    return simulated_workspace(tmp_path_factory.mktemp("simulated"))
 
 
 @pytest.mark.slow

@@ -18,14 +18,11 @@ from mlflow.tracking import MlflowClient
 from flows.steps import (
     RankerJob,
     SimulateParams,
-    features_step,
-    ingest_step,
     load_ground_truth,
     simulate_step,
     train_ranker_step,
 )
-from flows.workspace import Workspace
-from tests.conftest import assert_reproduces_test_metrics
+from tests.conftest import assert_reproduces_test_metrics, simulated_workspace
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SMALL = {"n_experts": 2, "n_category_experts": 1, "expert_hidden": (16, 8),
@@ -34,13 +31,8 @@ SMALL = {"n_experts": 2, "n_category_experts": 1, "expert_hidden": (16, 8),
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ws")
-    workspace = Workspace(root / "ws").create()
-    raw = workspace.raw / "simulator-seed5"
-    simulate_step(raw, SimulateParams(users=80, days=4, seed=5))
-    ingest_step("simulator", raw, workspace)
-    features_step(workspace)
-    return workspace, raw
+    workspace = simulated_workspace(tmp_path_factory.mktemp("ws"))
+    return workspace, workspace.raw / "simulator-seed5"
 
 
 @pytest.mark.slow
