@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,6 +88,9 @@ class Workspace:
         Call before anything imports prefect: Prefect reads its settings once, at import."""
         os.environ["RECPIPE_HOME"] = str(self.root)
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        # MLflow's artifact bars would redraw into log files, as ours do not
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+                              str(sys.stderr.isatty()).lower())
         os.environ.setdefault("PREFECT_HOME", str(self.prefect_home))
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
