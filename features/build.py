@@ -268,15 +268,23 @@ def profile_lake(lake_dir: Path) -> pl.DataFrame:
 
 
 def lake_origins(lake_dir: Path) -> dict[str, int]:
-    """Events per origin, from one streaming pass: the ``source`` of the events, and for the
-    simulator its world (event ids ``sim<seed>-...``: ``simulator sim3``)."""
-    world = pl.col("event_id").str.extract(r"^(sim\d+)-", 1)
-    origin = (pl.when(pl.col("source") == "simulator")
-              .then(pl.concat_str(pl.lit("simulator "), world.fill_null("?")))
-              .otherwise(pl.col("source")).alias("origin"))
-    counts = (scan_events(lake_dir).select(origin).group_by("origin").agg(pl.len())
-              .collect(engine="streaming"))
-    return dict(sorted(counts.iter_rows()))
+    """Events per origin: ``kuairand``, ``canonical`` (any other ``source`` value a canonical
+    log carries), and for the simulator its world (event ids ``sim<seed>-...``:
+    ``simulator sim3``). One streaming pass over ``source``, and one over the simulator's
+    event ids when there are any."""
+    sources = (scan_events(lake_dir).group_by("source").agg(pl.len())
+               .collect(engine="streaming"))
+    origins: dict[str, int] = {}
+    for source, rows in sources.iter_rows():
+        if source != "simulator":
+            name = source if source == "kuairand" else "canonical"
+            origins[name] = origins.get(name, 0) + rows
+    if "simulator" in sources.get_column("source").to_list():
+        world = pl.col("event_id").str.extract(r"^(sim\d+)-", 1).fill_null("?")
+        worlds = (scan_events(lake_dir).filter(pl.col("source") == "simulator")
+                  .group_by(world.alias("world")).agg(pl.len()).collect(engine="streaming"))
+        origins |= {f"simulator {name}": rows for name, rows in worlds.iter_rows()}
+    return dict(sorted(origins.items()))
 
 
 def check_one_origin(lake_dir: Path) -> None:

@@ -8,6 +8,7 @@ and a message naming what is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -572,26 +573,27 @@ def cmd_schedule(args: argparse.Namespace, workspace: Workspace) -> dict:
                                   f"{problem['msg'].removeprefix('Value error, ')}"
                                   for problem in error.errors())) from None
     parameters = nightly_parameters(args, workspace)
-    api_url, started = ensure_prefect_server(workspace, args.port)
-    os.environ["PREFECT_API_URL"] = api_url  # for the flow-run processes serve starts
-    from prefect.schedules import Cron
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.nightly import nightly
-
-    print(f"serving deployment recpipe-nightly/nightly on {api_url} "
-          f"with cron {args.cron!r} ({args.timezone}); Ctrl-C stops")
-    # SIGTERM (a service manager stopping it) ends it like Ctrl-C: through the finally below
+    # SIGTERM (a service manager stopping it) ends it like Ctrl-C, through the finally below;
+    # once serving, Prefect's runner installs a handler of its own that exits the same way
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    # this process imported prefect already: its settings must be told, not the environment
+    started = None
     try:
+        api_url, started = ensure_prefect_server(workspace, args.port)
+        os.environ["PREFECT_API_URL"] = api_url  # for the flow-run processes serve starts
+        from prefect.schedules import Cron
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from flows.nightly import nightly
+
+        print(f"serving deployment recpipe-nightly/nightly on {api_url} "
+              f"with cron {args.cron!r} ({args.timezone}); Ctrl-C stops")
+        # this process imported prefect already: its settings must be told, not os.environ
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             nightly.serve(name="nightly", schedules=[Cron(args.cron, timezone=args.timezone)],
                           parameters=parameters)
     finally:
         if started is not None:  # a server this command started ends with it
-            os.killpg(started.pid, signal.SIGTERM)
-            started.wait(timeout=30)
+            stop_server(started)
     return {"api_url": api_url, "cron": args.cron, "timezone": args.timezone}
 
 
@@ -611,13 +613,28 @@ def ensure_prefect_server(workspace: Workspace, port: int, timeout_s: float = 12
         env={**os.environ, "PREFECT_HOME": str(workspace.prefect_home)},
     )
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if answers_health(api_url):
-            return api_url, server
-        time.sleep(1.0)
-    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        while time.monotonic() < deadline:
+            if answers_health(api_url):
+                return api_url, server
+            time.sleep(1.0)
+    except BaseException:  # interrupted while waiting: the server must not outlive us
+        stop_server(server)
+        raise
+    stop_server(server)
     raise UserError(f"the Prefect server did not answer at {api_url} within {timeout_s:.0f} s; "
                     f"see {workspace.prefect_home / 'server.log'}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server started in its own process group: SIGTERM, then SIGKILL after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def answers_health(base_url: str) -> bool:

@@ -60,19 +60,22 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
     from models.allocators.registry import ALLOCATOR_MODEL_NAME
     from models.registry import (
         CHAMPION,
+        RANKER_MODEL_NAME,
         alias_version,
         ensure_experiment,
         promote,
         record_evaluation,
+        registered_model_exists,
         resolve_version,
     )
+    from models.user_encoder_registry import USER_ENCODER_MODEL_NAME
 
     mlflow.set_tracking_uri(workspace.tracking_uri)
     name = job.model_name
-    registered = [model.name for model in mlflow.MlflowClient().search_registered_models()]
-    if name not in registered:
+    if not registered_model_exists(name):
         raise ValueError(f"no registered model named {name!r} in {workspace.tracking_uri} "
-                         f"(registered: {sorted(registered) or 'none yet'})")
+                         f"(recpipe registers {RANKER_MODEL_NAME!r}, "
+                         f"{ALLOCATOR_MODEL_NAME!r} and {USER_ENCODER_MODEL_NAME!r})")
     challenger = resolve_version(name, job.challenger)
     champion = resolve_version(name, job.champion)
     for role, ref, version in (("challenger", job.challenger, challenger),

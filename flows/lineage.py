@@ -16,9 +16,11 @@ answers from its tags alone:
   ``mlflow.search_runs(filter_string="tags.`recpipe.prefect.flow_run_id` = '<id>'")``.
   ``torchrun`` ranks are separate processes, so the launcher hands the flow run over in
   :data:`FLOW_RUN_ENV`;
-- ``recpipe.host`` / ``recpipe.pid``: the process that holds the run open. A run whose
-  process died (killed mid-training) would stay RUNNING forever; :func:`start_run` first
-  ends such runs of its experiment as KILLED (``recpipe.abandoned`` says why).
+- ``recpipe.host`` / ``recpipe.pid`` / ``recpipe.process_space``: the process that holds
+  the run open, and the boot and PID namespace its pid is counted in (containers sharing a
+  host name each have their own). A run whose process died (killed mid-training) would stay
+  RUNNING forever; :func:`start_run` first ends such runs of its experiment as KILLED
+  (``recpipe.abandoned`` says why), judging only runs of its own process space.
 """
 
 from __future__ import annotations
@@ -55,20 +57,33 @@ def end_abandoned_runs(experiment_id: str) -> list[str]:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    host = socket.gethostname()
+    here = _process_space()
     ended = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
         tags = run.data.tags
-        if tags.get("recpipe.host") != host or not tags.get("recpipe.pid", "").isdigit():
-            continue
+        if (here is None or tags.get("recpipe.process_space") != here
+                or not tags.get("recpipe.pid", "").isdigit()):
+            continue  # another machine, container or boot: its pids are not ours to test
         if _process_exists(int(tags["recpipe.pid"])):
             continue
+        if client.get_run(run.info.run_id).info.status != "RUNNING":
+            continue  # it ended between the search and now
         client.set_tag(run.info.run_id, "recpipe.abandoned",
-                       f"process {tags['recpipe.pid']} on {host} ended without closing this "
-                       "run (killed); marked KILLED by the next run")
+                       f"process {tags['recpipe.pid']} on {tags.get('recpipe.host')} ended "
+                       "without closing this run (killed); marked KILLED by the next run")
         client.set_terminated(run.info.run_id, status="KILLED")
         ended.append(run.info.run_id)
     return ended
+
+
+def _process_space() -> str | None:
+    """This machine's boot and this process's PID namespace ("<boot id>/pid:[inode]"), the
+    space a pid means something in; None where /proc does not say (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
 
 
 def _process_exists(pid: int) -> bool:
@@ -85,6 +100,9 @@ def lineage_tags(data: Path | str | None = None) -> dict[str, str]:
     """The tags above for a run that reads ``data`` (a file or folder; None: no data tags)."""
     tags = {"recpipe.version": _package_version(), **_git_tags(), **flow_run_tags(),
             "recpipe.host": socket.gethostname(), "recpipe.pid": str(os.getpid())}
+    space = _process_space()
+    if space is not None:
+        tags["recpipe.process_space"] = space
     if data is not None:
         data = Path(data)
         tags["recpipe.data.path"] = str(data.resolve())

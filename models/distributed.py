@@ -494,6 +494,12 @@ def check_replicas_agree(replicated: dict[str, torch.Tensor]) -> None:
     if not replicated:
         return
     flat = torch.cat([value.detach().reshape(-1).double() for value in replicated.values()])
+    finite = torch.tensor([float(torch.isfinite(flat).all())], device=flat.device)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank decides alike
+    if finite.item() < 1:  # NaN differs from itself: say what is really wrong
+        broken = [name for name, value in replicated.items() if not value.isfinite().all()]
+        raise FloatingPointError(f"non-finite parameters after training (on some rank): "
+                                 f"{broken[:5]}")
     high, low = flat.clone(), flat.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)

@@ -194,6 +194,17 @@ def alias_version(name: str, alias: str, client: MlflowClient | None = None) -> 
     return _version_or_none(lambda: client.get_model_version_by_alias(name, alias))
 
 
+def registered_model_exists(name: str) -> bool:
+    """Whether the registry holds a model ``name`` (an unreachable registry raises)."""
+    try:
+        MlflowClient().get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code in MISSING_CODES:
+            return False
+        raise
+    return True
+
+
 def _version_or_none(fetch: Callable[[], ModelVersion]) -> int | None:
     """``fetch()``'s version number, or None when MLflow says the model, version or alias
     does not exist; any other error (an unreachable registry) is raised, never read as

@@ -132,17 +132,30 @@ def conform(state: pd.DataFrame, types: Mapping[str, str]) -> pd.DataFrame:
         if kind not in _NUMPY_TYPES:
             continue
         value = out.at[0, column]
-        value = value.item() if isinstance(value, np.generic) else value  # shown as sent
-        number = _as_number(value)
-        if not math.isfinite(number):
-            raise ValueError(f"the allocator needs a finite number for {request_field(column)}, "
-                             f"got {value!r}")
-        if kind in ("long", "integer") and not (number == math.floor(number)
-                                                 and abs(number) < 2**63):
-            raise ValueError(f"the allocator needs a whole number for {request_field(column)}, "
-                             f"got {value!r}")
+        value = value.item() if isinstance(value, np.generic) else value  # as it was sent
+        number = _typed_number(value, _NUMPY_TYPES[kind], request_field(column))
         out[column] = np.asarray([number], dtype=_NUMPY_TYPES[kind])
     return out
+
+
+def _typed_number(value: Any, dtype: type, field: str) -> int | float:
+    """``value`` (a JSON number: ``2`` and ``2.0`` alike) as a number of ``dtype``; integers
+    stay exact (ids beyond 2**53 too). ValueError naming ``field`` for text, booleans, null,
+    NaN/inf, a fraction where a whole number is needed, or one out of ``dtype``'s range."""
+    finite = isinstance(value, int | float) and not isinstance(value, bool) and (
+        isinstance(value, int) or math.isfinite(value))
+    if not finite:
+        raise ValueError(f"the allocator needs a finite number for {field}, got {value!r}")
+    if not np.issubdtype(dtype, np.integer):
+        return float(value)
+    if isinstance(value, float) and value != math.floor(value):
+        raise ValueError(f"the allocator needs a whole number for {field}, got {value!r}")
+    bounds = np.iinfo(dtype)
+    whole = int(value)
+    if not bounds.min <= whole <= bounds.max:
+        raise ValueError(f"the allocator needs a whole number in {dtype.__name__} range for "
+                         f"{field}, got {value!r}")
+    return whole
 
 
 def request_field(column: str) -> str:
@@ -158,16 +171,6 @@ _FROM_THE_SERVER = frozenset({
     "user_id", "ts", "hour", "n_candidates", "candidate_item_id", "candidate_author_id",
     "candidate_duration_s", "candidate_score"})
 """State columns the server fills from the request itself (``allocation_state``)."""
-
-
-def _as_number(value: Any) -> float:
-    """``value`` as a float; NaN for what is not a number (text, booleans, null)."""
-    if isinstance(value, bool | np.bool_):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _probability(output: Any) -> float:

@@ -104,8 +104,12 @@ def validate_allocation_frame(frame: pl.DataFrame, where: str = "allocation log"
                **{c: pl.Int64 if c in _INT_COLUMNS else pl.Float64
                   for c in REQUIRED_COLUMNS if c != "session_id"}}
     for column, dtype in targets.items():  # no nulls left: a null cast is a value that fails
-        _refuse_rows(frame, pl.col(column).cast(dtype, strict=False).is_null(),
-                     f"{column} not {dtype}", [column], where)
+        try:
+            _refuse_rows(frame, pl.col(column).cast(dtype, strict=False).is_null(),
+                         f"{column} not {dtype}", [column], where)
+        except pl.exceptions.PolarsError:  # not even loosely convertible (a list column)
+            raise AllocationLogError(f"{where}: column {column} is {frame.schema[column]}, "
+                                     f"it must be {dtype}") from None
     frame = frame.with_columns(pl.col(c).cast(t) for c, t in targets.items())
     for reason, bad, shown in _row_checks():
         _refuse_rows(frame, bad, reason, shown, where)

@@ -67,10 +67,13 @@ def config_for(algo: str, seed: int = 0, live_share_cap: float = 0.3,
     if unknown:
         raise ValueError(f"{algo}: unknown hyperparameters {sorted(unknown)}; "
                          f"known: {sorted(names)}")
-    own_option = set(overrides or {}) & set(values)
-    if own_option:  # the step judges the policy by the same cap, seeds the same way
-        raise ValueError(f"{algo}: {sorted(own_option)} are set by their own options "
-                         "(--live-share-cap, --seed), not as hyperparameters")
+    set_elsewhere = {"seed": "--seed", "live_share_cap": "--live-share-cap",
+                     "progress": "the terminal", "algo": "--algo",
+                     "reward": "the log's simulator settings"}
+    clash = sorted(set(overrides or {}) & set(values))
+    if clash:  # the step judges the policy by the same cap, seeds the same way
+        where = ", ".join(f"{name} is set by {set_elsewhere[name]}" for name in clash)
+        raise ValueError(f"{algo}: {where}, not as a hyperparameter")
     config = replace(cls(), **values, **dict(overrides or {}))
     if config.n_steps < 1:
         raise ValueError(f"{algo}: n_steps must be at least 1, got {config.n_steps}")

@@ -171,6 +171,15 @@ def test_a_lake_mixing_two_logs_is_refused_naming_them(tmp_path, tiny_events, ot
     assert not (tmp_path / "examples").exists()
 
 
+def test_a_canonical_log_may_name_its_own_sources(tmp_path, tiny_events):
+    """Canonical rows keep their own ``source`` (apps, say): one log, not a mix."""
+    apps = tiny_events.with_columns(source=pl.when(pl.col("user_id") % 2 == 0)
+                                    .then(pl.lit("ios")).otherwise(pl.lit("android")))
+    lake = write_lake(apps, tmp_path / "lake")
+    assert build.lake_origins(lake) == {"canonical": apps.height}
+    assert sum(build_examples(lake, tmp_path / "examples").rows.values()) == apps.height
+
+
 @pytest.mark.parametrize("max_rows", [2_000_000, 100])
 def test_bucketed_build_writes_exactly_the_whole_lake_build(tiny_lake, tmp_path, max_rows):
     out = tmp_path / "examples"

@@ -147,7 +147,7 @@ def test_recpipe_ab_user_errors(store, capsys, tmp_path):
     registered(store, "ab-errors")
     assert main(["ab", "--home", str(workspace.root), "--model", "ab-error"]) == 2
     error = capsys.readouterr().err
-    assert "no registered model named 'ab-error'" in error and "'ab-errors'" in error
+    assert "no registered model named 'ab-error'" in error and "'recpipe-ranker'" in error
     assert main(["ab", "--home", str(workspace.root), "--model", "ab-errors",
                  "--challenger", "7"]) == 2
     assert "ab-errors has no challenger '7'" in capsys.readouterr().err

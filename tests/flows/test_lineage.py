@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -89,8 +90,10 @@ def test_a_run_left_open_by_a_killed_process_is_ended_by_the_next_one(tmp_path, 
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("lineage", (tmp_path / "art").as_uri())
     client = MlflowClient(uri)
-    elsewhere = client.create_run(experiment, tags={"recpipe.host": "another-host",
-                                                    "recpipe.pid": "1"}).info.run_id
+    # same host name and a dead pid, but another container's pid namespace: not ours
+    elsewhere = client.create_run(experiment, tags={
+        "recpipe.host": socket.gethostname(), "recpipe.pid": "999999999",
+        "recpipe.process_space": "another-boot/pid:[4026531836]"}).info.run_id
     victim = subprocess.Popen([sys.executable, "-c", VICTIM, uri, experiment], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
     killed = victim.stdout.readline().strip()

@@ -37,6 +37,11 @@ def holder(tmp_path):
 def test_a_second_nightly_run_stops_naming_the_holder_and_writes_nothing(
         holder, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def no_flow_run(**_):
+        raise AssertionError("a flow run started: the busy workspace was not refused first")
+
+    monkeypatch.setattr("flows.nightly.nightly", no_flow_run)  # refused before any Prefect
     home = tmp_path / "ws"
     code = main(["nightly", "--home", str(home), "--users", "30", "--days", "3"])
     assert code == USER_ERROR_EXIT

@@ -169,6 +169,9 @@ def test_log_contract_names_what_is_wrong(tmp_path, two_sessions):
                              .then(pl.lit("12s")).otherwise(pl.col("video_watch_time_s")))
     with pytest.raises(AllocationLogError, match=r"video_watch_time_s not Float64.*'12s'"):
         validate_allocation_frame(text)
+    listed = two_sessions.with_columns(pl.concat_list("hour").alias("hour"))
+    with pytest.raises(AllocationLogError, match=r"column hour is List\(Int64\), it must be"):
+        validate_allocation_frame(listed)
     dup = pl.concat([two_sessions, two_sessions.head(1)])
     with pytest.raises(AllocationLogError, match="duplicated"):
         validate_allocation_frame(dup)
@@ -275,7 +278,7 @@ def test_unknown_algorithms_and_hyperparameters_are_refused():
         config_for("ppo")
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         config_for("sl_mgac", overrides={"gamma_typo": 0.9})
-    with pytest.raises(ValueError, match=r"\['live_share_cap'\] are set by their own options"):
+    with pytest.raises(ValueError, match="live_share_cap is set by --live-share-cap, not"):
         config_for("greedy", overrides={"live_share_cap": 1.0})  # was a bare TypeError
 
 

@@ -110,6 +110,13 @@ def _save_after_one_rank_stepped_alone(rank: int, init_file: str, outcomes) -> N
             outcomes.put((rank, "saved", None))
         except ReplicasDivergedError as error:
             outcomes.put((rank, "refused", str(error)))
+        if rank == 0:  # a NaN is not a disagreement: it is divergence, said as such
+            with torch.no_grad():
+                model.weight[0, 0] = float("nan")
+        try:
+            full_state_dict(model, me)
+        except FloatingPointError as error:
+            outcomes.put((rank, "diverged", str(error)))
     finally:
         dist.destroy_process_group()
 
@@ -128,11 +135,14 @@ def test_a_model_whose_replicas_disagree_is_not_saved(tmp_path):
     for process in processes:
         process.join(timeout=120)
         assert process.exitcode == 0
-    reports = sorted(outcomes.get(timeout=5) for _ in range(4))
-    assert reports[0] == (0, "agreed", ["bias", "weight"]) and reports[2][:2] == (1, "agreed")
-    for rank, outcome, message in (reports[1], reports[3]):
+    reports = sorted(outcomes.get(timeout=5) for _ in range(6))
+    assert reports[0] == (0, "agreed", ["bias", "weight"]) and reports[3][:2] == (1, "agreed")
+    for rank, outcome, message in (reports[2], reports[5]):
         assert outcome == "refused", (rank, outcome)  # on both ranks: no rank is left waiting
         assert "['bias']" in message and "not averaged" in message
+    for rank, outcome, message in (reports[1], reports[4]):
+        assert outcome == "diverged", (rank, outcome)
+        assert "non-finite parameters" in message
 
 
 def test_cpu_ranks_need_an_embedding_optimiser_the_fused_cpu_kernel_has():
