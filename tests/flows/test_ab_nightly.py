@@ -1,5 +1,6 @@
 """Two nights in one workspace: the first one's A/B is a clean no-op (same version), the
-second compares the new challenger with the first night's champion and decides."""
+second (the same simulated world one day later, as a real night brings one more day of logs)
+compares the new challenger with the first night's champion and decides."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ def test_second_night_runs_the_ab_and_reports_it(tmp_path):
     workspace = Workspace(tmp_path / "ws")
     with prefect_test_harness(server_startup_timeout=90):
         first = nightly(home=str(workspace.root), users=120, days=4, seed=3, epochs=1)
-        second = nightly(home=str(workspace.root), users=120, days=4, seed=4, epochs=1)
+        second = nightly(home=str(workspace.root), users=120, days=5, seed=3, epochs=1)
+    # the same world: its first four days come again (dropped as duplicates), one is new
+    assert second["ingest"]["duplicates_in_lake"] == first["ingest"]["accepted"]
+    assert second["features"]["dates"]["test"] > first["features"]["dates"]["test"]
     assert first["ab"]["status"] == "same-version"
     assert "nothing to do" in first["ab"]["markdown"]
     ab = second["ab"]
