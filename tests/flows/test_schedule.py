@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import answers_health
+from flows.cli import answers_health, stop_server
 from flows.workspace import Workspace
 from tests.conftest import free_port
 
@@ -43,16 +43,6 @@ def nightly_runs(api_url: str) -> list[dict]:
 def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def wait_until(condition, timeout_s: float, what: str, logs: list[Path]) -> object:
@@ -106,7 +96,7 @@ def test_the_cron_schedule_fires_a_nightly_run_on_a_real_prefect_server(tmp_path
     finally:
         for process in (schedule, server):
             if process is not None:
-                stop(process)
+                stop_server(process)
 
     assert run["state"]["type"] == "COMPLETED", (run["state"], schedule_log.read_text()[-3000:])
     served = schedule_log.read_text(errors="replace")
@@ -143,4 +133,4 @@ def test_a_server_the_schedule_started_stops_with_it(tmp_path):
         assert (workspace.prefect_home / "server.log").exists()
     finally:
         if schedule.poll() is None:
-            stop(schedule)
+            stop_server(schedule)
