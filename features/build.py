@@ -269,9 +269,9 @@ def profile_lake(lake_dir: Path) -> pl.DataFrame:
 
 def lake_origins(lake_dir: Path) -> dict[str, int]:
     """Events per origin: ``kuairand``, ``canonical`` (any other ``source`` value a canonical
-    log carries), and for the simulator its world (event ids ``sim<seed>-...``:
-    ``simulator sim3``). One streaming pass over ``source``, and one over the simulator's
-    event ids when there are any."""
+    log carries), and for the simulator its world (``SimulatorConfig.world_id``, the prefix
+    of its event ids: ``simulator sim3-1a2b3c4d``). One streaming pass over ``source``, and
+    one over the simulator's event ids when there are any."""
     sources = (scan_events(lake_dir).group_by("source").agg(pl.len())
                .collect(engine="streaming"))
     origins: dict[str, int] = {}
@@ -280,7 +280,7 @@ def lake_origins(lake_dir: Path) -> dict[str, int]:
             name = source if source == "kuairand" else "canonical"
             origins[name] = origins.get(name, 0) + rows
     if "simulator" in sources.get_column("source").to_list():
-        world = pl.col("event_id").str.extract(r"^(sim\d+)-", 1).fill_null("?")
+        world = pl.col("event_id").str.extract(r"^(sim\d+-[0-9a-f]{8})-", 1).fill_null("?")
         worlds = (scan_events(lake_dir).filter(pl.col("source") == "simulator")
                   .group_by(world.alias("world")).agg(pl.len()).collect(engine="streaming"))
         origins |= {f"simulator {name}": rows for name, rows in worlds.iter_rows()}

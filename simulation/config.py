@@ -6,6 +6,8 @@ dataclasses with one line of doc per field, so a manifest can rebuild the exact 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date
 from typing import Any
@@ -197,6 +199,14 @@ class SimulatorConfig:
         if self.max_requests_per_session * high >= 3600:
             raise ValueError("max_requests_per_session * request_gap_s[1] must be under one "
                              "hour so a session never crosses midnight")
+
+    def world_id(self) -> str:
+        """``sim<seed>-<8 hex>``, the prefix of the world's event, request and session ids:
+        a digest of every setting but ``days`` (more days only extend a world: its earlier
+        days come out the same). Two worlds never share ids, so one lake can tell them apart."""
+        settings = {k: v for k, v in self.to_dict().items() if k != "days"}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+        return f"sim{self.seed}-{digest.hexdigest()[:8]}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (dates as ISO strings; tuples become lists in JSON)."""

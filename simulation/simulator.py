@@ -535,16 +535,16 @@ def _ids(prefix: str, column: str) -> pl.Expr:
     return pl.concat_str(pl.lit(prefix), pl.col(column).cast(pl.String))
 
 
-def _event_frames(raw: pl.DataFrame, seed: int,
+def _event_frames(raw: pl.DataFrame, world: str,
                   policy: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Contract events and their ground truth, sorted by (ts, user, position)."""
     if not raw.is_empty():
         raw = raw.sort(["ts_us", "user_id", "position"]).with_row_index("row")
     live = pl.col("is_live")
     exprs = {
-        "event_id": _ids(f"sim{seed}-", "row"),
+        "event_id": _ids(f"{world}-", "row"),
         "ts": pl.col("ts_us"),
-        "request_id": _ids(f"sim{seed}-r", "request"),
+        "request_id": _ids(f"{world}-r", "request"),
         "item_type": pl.when(live).then(pl.lit("live")).otherwise(pl.lit("video")),
         "duration_s": pl.col("duration_s").fill_nan(None),
         "gift": pl.when(live).then(pl.col("gift")),
@@ -557,14 +557,14 @@ def _event_frames(raw: pl.DataFrame, seed: int,
     return events, truth
 
 
-def _allocation_frame(raw: pl.DataFrame, seed: int) -> pl.DataFrame:
+def _allocation_frame(raw: pl.DataFrame, world: str) -> pl.DataFrame:
     """Typed allocation table sorted by request time."""
     if not raw.is_empty():
         raw = raw.sort(["ts_us", "user_id"])
     ts = pl.col("ts_us").cast(ALLOCATION_SCHEMA["ts"])
     return _typed(raw, ALLOCATION_SCHEMA, {
-        "request_id": _ids(f"sim{seed}-r", "request"), "ts": ts, "date": ts.dt.date(),
-        "session_id": _ids(f"sim{seed}-s", "session"),
+        "request_id": _ids(f"{world}-r", "request"), "ts": ts, "date": ts.dt.date(),
+        "session_id": _ids(f"{world}-s", "session"),
     })
 
 
@@ -579,10 +579,10 @@ def _session_frame(raw: pl.DataFrame, cfg: SimulatorConfig) -> pl.DataFrame:
 
 def _result(cfg: SimulatorConfig, world: World, policy: str, log: _Log) -> SimulationResult:
     """Assemble the typed frames of a finished run."""
-    events, truth = _event_frames(_concat(log.events), cfg.seed, policy)
+    events, truth = _event_frames(_concat(log.events), cfg.world_id(), policy)
     return SimulationResult(
         config=cfg, policy_name=policy, events=events, ground_truth=truth,
-        allocations=_allocation_frame(_concat(log.allocations), cfg.seed),
+        allocations=_allocation_frame(_concat(log.allocations), cfg.world_id()),
         sessions=_session_frame(_concat(log.sessions), cfg),
         users=users_frame(world), items=items_frame(world),
     )

@@ -154,13 +154,13 @@ def tiny_lake(tmp_path, tiny_events) -> Path:
 
 @pytest.mark.parametrize(("other", "named"), [
     ({"source": "kuairand"}, "canonical (1,200 events), kuairand (1,200 events)"),
-    ({"source": "simulator", "event_id": "sim1-row"}, "simulator sim1"),
+    ({"source": "simulator", "event_id": "sim1-0badf00d-"}, "simulator sim1-0badf00d"),
 ])
 def test_a_lake_mixing_two_logs_is_refused_naming_them(tmp_path, tiny_events, other, named):
     """Two logs in one lake (another source, or another simulated world) share ids and dates:
     examples built from both would mean nothing, so the build refuses and writes nothing."""
     first = tiny_events if other["source"] != "simulator" else tiny_events.with_columns(
-        source=pl.lit("simulator"), event_id=pl.concat_str(pl.lit("sim0-row"), "event_id"))
+        source=pl.lit("simulator"), event_id=pl.concat_str(pl.lit("sim0-0badf00d-"), "event_id"))
     second = tiny_events.with_columns(
         source=pl.lit(other["source"]),
         event_id=pl.concat_str(pl.lit(other.get("event_id", "k")), "event_id"))

@@ -90,12 +90,21 @@ def test_configured_tasks_train_and_register_their_own_schema(simulated):
 
 
 def test_ground_truth_from_another_simulation_is_refused(simulated, tmp_path):
-    workspace, _ = simulated
+    import shutil
+
+    workspace, raw = simulated
     other = tmp_path / "other"
-    simulate_step(other, SimulateParams(users=90, days=4, seed=5))  # same event-id prefix
+    simulate_step(other, SimulateParams(users=90, days=4, seed=5))  # another world, same seed
     test = pl.read_parquet(workspace.examples / "test.parquet")
-    with pytest.raises(ValueError, match="different simulation"):
+    with pytest.raises(ValueError, match="covers none of the"):
         load_ground_truth(other, test)
+    # ids that match but events that do not (a tampered or foreign output) are caught too
+    forged = tmp_path / "forged"
+    shutil.copytree(raw, forged)
+    events = pl.read_parquet(forged / "events.parquet")
+    events.with_columns(pl.col("user_id") + 1).write_parquet(forged / "events.parquet")
+    with pytest.raises(ValueError, match="different simulation"):
+        load_ground_truth(forged, test)
     with pytest.raises(ValueError, match="no ground truth"):
         load_ground_truth(tmp_path / "missing", test)
     # the nightly's optional ground truth: the run trains, without oracle metrics
@@ -104,7 +113,7 @@ def test_ground_truth_from_another_simulation_is_refused(simulated, tmp_path):
                     ground_truth=str(other), ground_truth_optional=True)
     summary = train_ranker_step(workspace, job)
     assert "oracle_auc" not in summary["metrics"]["test"]["click"]
-    with pytest.raises(ValueError, match="different simulation"):
+    with pytest.raises(ValueError, match="covers none of the"):
         train_ranker_step(workspace, replace(job, ground_truth_optional=False))
 
 

@@ -44,3 +44,21 @@ def test_policies_meet_the_same_world_and_first_requests(small_config, logged):
     # Separate behaviour streams: the first request of every day-0 session shows the same
     # videos whatever the allocation policy does.
     assert first_feeds(greedy) == first_feeds(logged)
+
+
+def test_more_days_extend_a_world_and_other_settings_make_another(small_config):
+    """The next night of a simulated world is the same seed and settings with one more day:
+    its earlier days come out identical, ids included (ingest drops them as duplicates).
+    Any other setting is another world, whose ids never collide with this one's."""
+    shorter = replace(small_config, days=small_config.days - 1)
+    assert shorter.world_id() == small_config.world_id()
+    assert replace(small_config, n_users=small_config.n_users + 1).world_id() != \
+        small_config.world_id()
+    day_by_day = simulate(shorter).events
+    extended = simulate(small_config).events
+    again = extended.filter(pl.col("event_id").is_in(day_by_day.get_column("event_id")))
+    assert again.sort("event_id").equals(day_by_day.sort("event_id"))
+    assert extended.height > day_by_day.height
+    other = simulate(replace(small_config, n_users=small_config.n_users + 1)).events
+    assert not set(other.get_column("event_id")) & set(extended.get_column("event_id"))
+    assert extended.get_column("event_id").str.starts_with(small_config.world_id() + "-").all()
