@@ -88,8 +88,8 @@ class RankerJob:
     """Simulator output folder (or its ``ground_truth.parquet``) the examples came from: adds
     the oracle metrics. The caller that simulated the logs knows it; nothing is guessed."""
     ground_truth_optional: bool = False
-    """True: a ground truth that does not match the examples (the lake also holds another
-    simulation with the same event ids) skips the oracle metrics with a warning instead of
+    """True: a ground truth that does not match the examples (another world's, or one whose
+    events disagree with them) skips the oracle metrics with a warning instead of
     failing (the nightly, which passes the logs it simulated)."""
     user_encoder: str | None = None
     """Model URI of a pretrained user encoder (e.g. ``models:/recpipe-user-encoder@champion``)
@@ -316,8 +316,7 @@ def load_ground_truth(path: Path, frame) -> tuple[np.ndarray, dict[str, np.ndarr
     split that the ground truth covers (M,), ``{"p_<label>": (M,) float}``, coverage M / N).
     Raises ValueError when the file is missing, covers none of the examples, or (where the
     simulator's ``events.parquet`` sits beside it) disagrees with the examples on the user or
-    item of an event: event ids repeat across simulations with the same seed, so a matching id
-    alone proves nothing.
+    item of an event (ids are each world's own, but a copied or edited output keeps them).
     """
     import polars as pl
 
