@@ -492,7 +492,7 @@ def cmd_nightly(args: argparse.Namespace, workspace: Workspace) -> dict:
             summary[key] = {k: v for k, v in summary[key].items() if k != "markdown"}
     if "train_allocator" in summary:
         print_allocator_summary(summary["train_allocator"])
-        if then("train-allocator"):
+        if "train-allocator" in reused:
             print(f"train-allocator{then('train-allocator')}")
     print("review: `recpipe ui` prints how to open MLflow and Prefect on this workspace")
     return summary

@@ -56,7 +56,7 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
 
     from evaluation.ab import decision_markdown, evaluate_gates, same_version_decision
     from evaluation.ab_mlflow import EVALUATION_EXPERIMENT, log_ab_run
-    from flows.lineage import end_abandoned_runs, lineage_tags
+    from flows.lineage import new_run_tags
     from models.allocators.registry import ALLOCATOR_MODEL_NAME
     from models.registry import (
         CHAMPION,
@@ -98,10 +98,9 @@ def ab_step(workspace: Workspace, job: ABJob = ABJob()) -> dict:
     decision = evaluate_gates(table, gates)
     experiment_id = ensure_experiment(EVALUATION_EXPERIMENT, workspace.artifacts)
     held_out = extra_params.get("test_path") or job.test_path  # None: a simulated world
-    end_abandoned_runs(experiment_id)
     run_id = log_ab_run(experiment_id, name, champion, challenger, table, decision, gates,
                         extra_params={**extra_params, "seed": job.seed}, per_model=per_model,
-                        tags=lineage_tags(held_out))
+                        tags=new_run_tags(experiment_id, held_out))
     record_evaluation(name, challenger, run_id, decision.status)
     promotion, message = None, decision.summary
     current = alias_version(name, CHAMPION)

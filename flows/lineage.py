@@ -41,13 +41,19 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_run(experiment_id: str, run_name: str, data: Path | str | None = None):
-    """``mlflow.start_run`` with :func:`lineage_tags`, after ending the experiment's runs
-    abandoned by dead processes (:func:`end_abandoned_runs`)."""
+    """``mlflow.start_run`` with the tags of :func:`new_run_tags`."""
     import mlflow
 
-    end_abandoned_runs(experiment_id)
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                            tags=lineage_tags(data))
+                            tags=new_run_tags(experiment_id, data))
+
+
+def new_run_tags(experiment_id: str, data: Path | str | None = None) -> dict[str, str]:
+    """The :func:`lineage_tags` of a run about to start in ``experiment_id``, after ending
+    that experiment's runs abandoned by dead processes (:func:`end_abandoned_runs`); for
+    code that starts the run itself (``evaluation.ab_mlflow``)."""
+    end_abandoned_runs(experiment_id)
+    return lineage_tags(data)
 
 
 def end_abandoned_runs(experiment_id: str) -> list[str]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import numpy as np
@@ -40,6 +41,7 @@ from models.training import predict_outputs
 RANKER_MODEL_NAME = "recpipe-ranker"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+T = TypeVar("T")
 MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 """MLflow error codes that mean "no such model, version or alias" (any other error, e.g. a
 registry that is briefly unreachable, is raised: it must not read as "no champion yet")."""
@@ -196,21 +198,20 @@ def alias_version(name: str, alias: str, client: MlflowClient | None = None) -> 
 
 def registered_model_exists(name: str) -> bool:
     """Whether the registry holds a model ``name`` (an unreachable registry raises)."""
-    try:
-        MlflowClient().get_registered_model(name)
-    except MlflowException as error:
-        if error.error_code in MISSING_CODES:
-            return False
-        raise
-    return True
+    return _missing_as_none(lambda: MlflowClient().get_registered_model(name)) is not None
 
 
 def _version_or_none(fetch: Callable[[], ModelVersion]) -> int | None:
-    """``fetch()``'s version number, or None when MLflow says the model, version or alias
-    does not exist; any other error (an unreachable registry) is raised, never read as
-    "absent"."""
+    """``fetch()``'s version number, or None when the model, version or alias is missing."""
+    version = _missing_as_none(fetch)
+    return None if version is None else int(version.version)
+
+
+def _missing_as_none(fetch: Callable[[], T]) -> T | None:
+    """``fetch()``, or None when MLflow says what it fetches does not exist; any other error
+    (an unreachable registry) is raised, never read as "absent"."""
     try:
-        return int(fetch().version)
+        return fetch()
     except MlflowException as error:
         if error.error_code in MISSING_CODES:
             return None
